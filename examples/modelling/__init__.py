@@ -1,0 +1,1 @@
+"""The modelling backend: the example service instrumented with otelkit."""

@@ -1,0 +1,427 @@
+"""Structured logging: one structlog pipeline for otelkit, the app and stdlib.
+
+Every line carries ``timestamp`` (ISO 8601, UTC), ``level``, ``logger``,
+``event``, ``service``, ``version`` and ``environment``; inside a request also
+``request_id``, ``trace_id`` and ``span_id``. Records from the stdlib
+``logging`` module (uvicorn, gunicorn, libraries) go through the same
+processors and the same writer, so there is one format and lines never
+interleave mid-line.
+
+Values of fields named like a secret are replaced by ``[REDACTED]``, and a
+line never contains a raw control character, whatever a client sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import sys
+import threading
+from collections.abc import Callable, Iterable, MutableMapping
+from typing import IO, Any
+
+import orjson
+import structlog
+from opentelemetry import trace
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+from otelkit.context import get_request_id
+
+__all__ = [
+    "REDACTED",
+    "RedactSecrets",
+    "configure_logging",
+    "get_logger",
+    "mark_logged",
+]
+
+REDACTED = "[REDACTED]"
+
+# Header names whose values are credentials whatever the configured words:
+# they are redacted when logged as fields (e.g. a dict of request headers).
+_ALWAYS_SECRET = ("authorization", "cookie")
+
+# Characters that must not appear raw in a log line: C0 controls (JSON
+# escapes those itself), DEL, C1 controls and the Unicode line separators,
+# which line-oriented tools (and str.splitlines) treat as line breaks.
+_UNSAFE_IN_JSON = re.compile("[\x7f-\x9f\u2028\u2029]")
+_UNSAFE_IN_TEXT = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+# A query string inside a foreign log message (an HTTP client logging the URL
+# it called, say): the values go, the keys stay.
+_QUERY_VALUE = re.compile(r"([?&][^=&#\s\"']+=)[^&#\s\"']*")
+
+
+def redact_query_values(text: str) -> str:
+    """Replace the values of URL query parameters in ``text`` with [REDACTED]."""
+    if "=" not in text or ("?" not in text and "&" not in text):
+        return text
+    return _QUERY_VALUE.sub(lambda m: m.group(1) + REDACTED, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+def get_logger(name: str | None = None, **initial_values: Any) -> Any:
+    """Return a structlog logger whose lines carry ``logger=name``.
+
+    It may be called at import time, before :func:`otelkit.instrument`: the
+    logger picks up otelkit's configuration on first use.
+
+    Example:
+        >>> log = get_logger(__name__)
+        >>> log.info("model_created", model_id="123", model_type="cadquery")
+    """
+    if name is None:
+        return structlog.get_logger(**initial_values)
+    return structlog.get_logger(name, **initial_values)
+
+
+def mark_logged(exc: BaseException) -> None:
+    """Remember that ``exc`` was logged with its traceback.
+
+    The server (uvicorn, gunicorn) logs an exception that escapes the app
+    once more; the stdlib bridge drops that second copy.
+    """
+    with contextlib.suppress(AttributeError):  # exceptions with __slots__ only
+        exc.__otelkit_logged__ = True  # type: ignore[attr-defined]
+
+
+def _already_logged(record: logging.LogRecord) -> bool:
+    exc_info = record.exc_info
+    return bool(exc_info and getattr(exc_info[1], "__otelkit_logged__", False))
+
+
+class RedactSecrets:
+    """Replace the values of fields named like a secret with ``[REDACTED]``.
+
+    A field is secret when its name, lower-cased with ``-`` read as ``_``,
+    contains one of ``words``. Nested dictionaries (a logged dict of headers,
+    say) are redacted the same way; the caller's dict is not changed.
+    """
+
+    __slots__ = ("_cache", "_pattern")
+
+    def __init__(self, words: Iterable[str]) -> None:
+        cleaned = {word.strip().lower().replace("-", "_") for word in words}
+        if not cleaned or not all(cleaned):
+            raise ValueError("RedactSecrets needs at least one non-empty word")
+        cleaned.update(_ALWAYS_SECRET)
+        alternatives = "|".join(sorted(map(re.escape, cleaned)))
+        self._pattern = re.compile(alternatives)
+        self._cache: dict[str, bool] = {}
+
+    def is_secret(self, key: object) -> bool:
+        """Whether a field called ``key`` holds a secret."""
+        if not isinstance(key, str):
+            return False
+        cached = self._cache.get(key)
+        if cached is None:
+            cached = self._pattern.search(key.lower().replace("-", "_")) is not None
+            if len(self._cache) < 4096:  # field names come from code, but bound it anyway
+                self._cache[key] = cached
+        return cached
+
+    def _redact_mapping(self, mapping: MutableMapping[Any, Any]) -> dict[Any, Any]:
+        return {
+            key: REDACTED
+            if self.is_secret(key)
+            else self._redact_mapping(value)
+            if isinstance(value, dict)
+            else value
+            for key, value in mapping.items()
+        }
+
+    def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+        for key, value in event_dict.items():
+            if self.is_secret(key):
+                event_dict[key] = REDACTED
+            elif isinstance(value, dict):
+                event_dict[key] = self._redact_mapping(value)
+        return event_dict
+
+
+class AddServiceFields:
+    """Add ``service``, ``version`` and ``environment`` unless the call set them."""
+
+    __slots__ = ("_fields",)
+
+    def __init__(self, service: str, version: str, environment: str) -> None:
+        self._fields = (("service", service), ("version", version), ("environment", environment))
+
+    def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+        for key, value in self._fields:
+            event_dict.setdefault(key, value)
+        return event_dict
+
+
+def add_request_context(
+    logger: WrappedLogger, method_name: str, event_dict: EventDict
+) -> EventDict:
+    """Add ``request_id``, ``trace_id`` and ``span_id`` of the current request/span."""
+    request_id = get_request_id()
+    if request_id is not None:
+        event_dict.setdefault("request_id", request_id)
+    span_context = trace.get_current_span().get_span_context()
+    if span_context.is_valid:
+        event_dict.setdefault("trace_id", format(span_context.trace_id, "032x"))
+        event_dict.setdefault("span_id", format(span_context.span_id, "016x"))
+    return event_dict
+
+
+def _escape_control_characters(
+    logger: WrappedLogger, method_name: str, event_dict: EventDict
+) -> EventDict:
+    # Only the console format needs this: the JSON renderer escapes itself.
+    for key, value in event_dict.items():
+        if isinstance(value, str) and _UNSAFE_IN_TEXT.search(value):
+            event_dict[key] = _UNSAFE_IN_TEXT.sub(_escape, value)
+    return event_dict
+
+
+def _json_default(value: object) -> str:
+    return repr(value)
+
+
+_FIRST = ("timestamp", "level", "logger", "event")
+
+
+def render_json(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> str:
+    """Render one JSON object on one line, whatever the values hold.
+
+    ``timestamp``, ``level``, ``logger`` and ``event`` come first, for people
+    reading raw lines; parsers do not care.
+    """
+    ordered = {key: event_dict[key] for key in _FIRST if key in event_dict}
+    ordered.update(event_dict)
+    try:
+        text = orjson.dumps(ordered, default=_json_default, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        # orjson refuses lone surrogates (undecodable bytes in a path, say);
+        # the stdlib encoder escapes them.
+        line = json.dumps(ordered, default=_json_default, ensure_ascii=True)
+    else:
+        line = text.decode()
+    if _UNSAFE_IN_JSON.search(line):
+        line = _UNSAFE_IN_JSON.sub(_escape, line)
+    return line
+
+
+class _Sink:
+    """Writes whole lines to one stream under one lock, for structlog and stdlib alike."""
+
+    name: str | None = None
+
+    __slots__ = ("_lock", "_stream")
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def write(self, line: str) -> None:
+        with self._lock:
+            try:
+                self._stream.write(line + "\n")
+                self._stream.flush()
+            except (OSError, ValueError):
+                # A closed or broken stdout (a pipe whose reader went away)
+                # must not turn a log call into a failed request.
+                pass
+
+
+class _NamedSink:
+    """What structlog wraps: the shared sink plus the logger's name."""
+
+    __slots__ = ("name", "write")
+
+    def __init__(self, sink: _Sink, name: str | None) -> None:
+        self.name = name
+        self.write = sink.write
+
+    def __getattr__(self, method: str) -> Callable[[str], None]:
+        # structlog calls the method named after the level (info, error...).
+        return self.write
+
+
+class _SinkFactory:
+    __slots__ = ("_sink",)
+
+    def __init__(self, sink: _Sink) -> None:
+        self._sink = sink
+
+    def __call__(self, *args: Any) -> _NamedSink:
+        return _NamedSink(self._sink, str(args[0]) if args else None)
+
+
+def add_logger_name(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """Add ``logger``: the name given to :func:`get_logger`."""
+    name = getattr(logger, "name", None)
+    if name is not None:
+        event_dict.setdefault("logger", name)
+    return event_dict
+
+
+# Attributes every LogRecord has; anything else came in through ``extra=``
+# (uvicorn's color_message repeats the message with terminal escapes).
+_RECORD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {
+    "message",
+    "asctime",
+    "color_message",
+}
+
+
+class StructlogHandler(logging.Handler):
+    """Send stdlib log records through otelkit's structlog processors."""
+
+    def __init__(self, processors: list[Processor], sink: _Sink) -> None:
+        super().__init__()
+        self._processors = processors
+        self._sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if _already_logged(record):
+            return
+        try:
+            level = record.levelname.lower()
+            event_dict: dict[str, Any] = {
+                key: value
+                for key, value in vars(record).items()
+                if key not in _RECORD_ATTRIBUTES and not key.startswith("_")
+            }
+            event_dict["event"] = redact_query_values(record.getMessage())
+            event_dict["logger"] = record.name
+            if record.exc_info:
+                event_dict["exc_info"] = record.exc_info
+            result: Any = event_dict
+            for processor in self._processors:
+                result = processor(None, level, result)
+            self._sink.write(result)
+        except structlog.DropEvent:
+            return
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+_configured_handler: StructlogHandler | None = None
+
+
+def _processors(
+    *,
+    service: str,
+    version: str,
+    environment: str,
+    redact_fields: Iterable[str],
+    log_format: str,
+    colors: bool,
+) -> list[Processor]:
+    processors: list[Processor] = [
+        structlog.processors.add_log_level,
+        add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+        AddServiceFields(service, version, environment),
+        add_request_context,
+        RedactSecrets(redact_fields),
+    ]
+    if log_format == "console":
+        processors += [
+            _escape_control_characters,
+            structlog.dev.ConsoleRenderer(colors=colors, sort_keys=False),
+        ]
+    else:
+        processors += [structlog.processors.format_exc_info, render_json]
+    return processors
+
+
+def configure_logging(
+    *,
+    level: int = logging.INFO,
+    log_format: str = "json",
+    service: str = "unknown_service",
+    version: str = "unknown",
+    environment: str = "production",
+    redact_fields: Iterable[str] = ("token", "password", "secret", "api_key", "authorization"),
+    stream: IO[str] | None = None,
+    quiet_server_access_log: bool = True,
+) -> None:
+    """Configure structlog and the stdlib root logger to write otelkit's lines.
+
+    Called by :func:`otelkit.instrument`; call it directly to log the same
+    way outside a web app (a worker, a script).
+
+    Args:
+        level: The lowest level written, for structlog and stdlib alike.
+        log_format: ``"json"`` or ``"console"``.
+        service: The ``service`` field.
+        version: The ``version`` field.
+        environment: The ``environment`` field.
+        redact_fields: Words that make a field secret.
+        stream: Where lines go; standard output by default.
+        quiet_server_access_log: Silence uvicorn's and gunicorn's own access
+            loggers, which would repeat otelkit's access line.
+    """
+    global _configured_handler
+    if log_format not in {"json", "console"}:
+        raise ValueError(f"log_format must be 'json' or 'console', not {log_format!r}")
+    stream = sys.stdout if stream is None else stream
+    sink = _Sink(stream)
+    colors = log_format == "console" and _isatty(stream)
+    processors = _processors(
+        service=service,
+        version=version,
+        environment=environment,
+        redact_fields=redact_fields,
+        log_format=log_format,
+        colors=colors,
+    )
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=_SinkFactory(sink),
+        context_class=dict,
+        cache_logger_on_first_use=True,
+    )
+    handler = StructlogHandler(processors, sink)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if old is _configured_handler or isinstance(old, logging.StreamHandler):
+            root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    _configured_handler = handler
+    _route_server_loggers(quiet_server_access_log)
+
+
+def _route_server_loggers(quiet_access: bool) -> None:
+    # Servers configure their loggers with their own handlers and no
+    # propagation before they import the app; send them through the root.
+    for name in ("uvicorn", "uvicorn.error", "gunicorn", "gunicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+        logger.setLevel(logging.NOTSET)
+    for name in ("uvicorn.access", "gunicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = not quiet_access
+        logger.disabled = quiet_access
+        logger.setLevel(logging.NOTSET)
+
+
+def _isatty(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def reset_logging() -> None:
+    """Undo :func:`configure_logging` (for tests and ``otelkit.uninstrument``)."""
+    global _configured_handler
+    if _configured_handler is not None:
+        logging.getLogger().removeHandler(_configured_handler)
+        _configured_handler = None
+    structlog.reset_defaults()
