@@ -7,7 +7,7 @@ import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
@@ -24,7 +24,7 @@ from otelkit import metrics as otelkit_metrics
 from otelkit.context import get_request_id
 from otelkit.middleware import OtelkitMiddleware, Runtime, resolve_in_flight
 from otelkit.settings import Settings, resolve_settings
-from otelkit.tracing import INSTRUMENTATION_NAME, build_tracer_provider
+from otelkit.tracing import INSTRUMENTATION_NAME, build_tracer_provider, use_provider
 
 __version__ = "0.1.0"
 
@@ -212,6 +212,7 @@ def instrument(
     *,
     tracer_provider: Any = None,
     meter_provider: Any = None,
+    log_stream: IO[str] | None = None,
     _automatic: bool = False,
     **overrides: Any,
 ) -> None:
@@ -232,7 +233,8 @@ def instrument(
         tracer_provider: Use this tracer provider instead of the global one
             (tests inject an in-memory one). otelkit adds no exporter to it.
         meter_provider: Likewise for metrics; otelkit adds its Prometheus
-            reader to it.
+            reader to it, and business metrics are recorded into it.
+        log_stream: Where log lines go; standard output by default.
         **overrides: Any setting by name, e.g. ``log_format="console"``.
 
     Raises:
@@ -265,12 +267,15 @@ def instrument(
                 environment=environment,
                 redact_fields=settings.redact_fields,
                 quiet_server_access_log=settings.access_log,
+                stream=log_stream,
             )
         otelkit_metrics.set_strict(environment in {"development", "test"})
         resource = _resource(settings, service, version, environment)
         tracers = _tracer_provider(settings, resource, tracer_provider)
         meters = _meter_provider(settings, resource, meter_provider)
         http_metrics = _http_metrics_for(meters, settings)
+        otelkit_metrics.bind_declared(meters if meter_provider is not None else None)
+        use_provider(tracers if tracer_provider is not None else None)
 
         render = None
         if "prometheus" in settings.metrics_exporter and not settings.sdk_disabled:

@@ -47,7 +47,7 @@ _ALWAYS_SECRET = ("authorization", "cookie")
 # escapes those itself), DEL, C1 controls and the Unicode line separators,
 # which line-oriented tools (and str.splitlines) treat as line breaks.
 _UNSAFE_IN_JSON = re.compile("[\x7f-\x9f\u2028\u2029]")
-_UNSAFE_IN_TEXT = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+_UNSAFE_IN_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 # A query string inside a foreign log message (an HTTP client logging the URL
@@ -64,6 +64,10 @@ def redact_query_values(text: str) -> str:
 
 def _escape(match: re.Match[str]) -> str:
     return f"\\u{ord(match.group()):04x}"
+
+
+def _escape_readably(match: re.Match[str]) -> str:
+    return repr(match.group())[1:-1]  # \r, \n, \x1b: as Python shows them
 
 
 def get_logger(name: str | None = None, **initial_values: Any) -> Any:
@@ -179,7 +183,7 @@ def _escape_control_characters(
     # Only the console format needs this: the JSON renderer escapes itself.
     for key, value in event_dict.items():
         if isinstance(value, str) and _UNSAFE_IN_TEXT.search(value):
-            event_dict[key] = _UNSAFE_IN_TEXT.sub(_escape, value)
+            event_dict[key] = _UNSAFE_IN_TEXT.sub(_escape_readably, value)
     return event_dict
 
 

@@ -239,11 +239,35 @@ def _declare(metric: _Declared) -> Any:
                     f"with labels {sorted(existing.labels)} and unit {existing.unit!r}",
                 )
             return existing
-        # The global meter provider may not be set yet (declarations run at
-        # import time); the API's proxy meter binds to it once it is.
-        metric._bind(metrics.get_meter(APP_METER_NAME))
+        metric._bind(_app_meter())
         _declared[metric.name] = metric
         return metric
+
+
+_bound_provider: MeterProvider | None = None
+
+
+def _app_meter() -> Meter:
+    if _bound_provider is not None:
+        return _bound_provider.get_meter(APP_METER_NAME)
+    # The global meter provider may not be set yet (declarations run at
+    # import time); the API's proxy meter binds to it once it is.
+    return metrics.get_meter(APP_METER_NAME)
+
+
+def bind_declared(provider: MeterProvider | None) -> None:
+    """Record business metrics into ``provider`` (``None``: the global one).
+
+    :func:`otelkit.instrument` calls this with the provider it uses, so that
+    metrics declared at import time follow an injected provider too.
+    """
+    global _bound_provider
+    with _declared_lock:
+        if provider is _bound_provider:
+            return
+        _bound_provider = provider
+        for metric in _declared.values():
+            metric._bind(_app_meter())
 
 
 def counter(

@@ -31,6 +31,15 @@ R = TypeVar("R")
 INSTRUMENTATION_NAME = "otelkit"
 
 
+_provider: trace.TracerProvider | None = None
+
+
+def use_provider(provider: trace.TracerProvider | None) -> None:
+    """Make :class:`traced` spans with ``provider`` (``None``: the global one)."""
+    global _provider
+    _provider = provider
+
+
 def build_sampler(settings: Settings) -> Sampler:
     """The head sampler named by OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG."""
     name: str = settings.traces_sampler
@@ -82,7 +91,8 @@ class traced(AbstractContextManager["trace.Span"]):
         self._cm: list[AbstractContextManager[trace.Span]] = []
 
     def _start(self) -> AbstractContextManager[trace.Span]:
-        tracer = trace.get_tracer(INSTRUMENTATION_NAME)
+        provider = _provider if _provider is not None else trace.get_tracer_provider()
+        tracer = provider.get_tracer(INSTRUMENTATION_NAME)
         return tracer.start_as_current_span(
             self._name or "traced", attributes=dict(self._attributes) or None
         )
