@@ -215,7 +215,12 @@ class OtelkitMiddleware:
         )
         span_context = span.get_span_context()
         trace_id = format(span_context.trace_id, "032x")
-        request_id = incoming.decode() if valid_incoming else trace_id  # type: ignore[union-attr]
+        if valid_incoming:
+            request_id = incoming.decode()  # type: ignore[union-attr]
+        elif span_context.is_valid:
+            request_id = trace_id
+        else:  # a no-op tracer (tracing disabled) has no trace id to offer
+            request_id = _fresh_request_id()
         recording = span.is_recording()
         if recording:
             self._start_attributes(span, scope, raw_method, method, user_agent, host, request_id)

@@ -1,0 +1,1 @@
+"""Test-support code shared by the test suite (in-process OTLP receiver, fault servers)."""
