@@ -21,6 +21,7 @@ from starlette.types import ASGIApp
 
 from otelkit import exporters, logs, prometheus
 from otelkit import metrics as otelkit_metrics
+from otelkit._multiprocess import WorkerSnapshots
 from otelkit.context import get_request_id
 from otelkit.middleware import OtelkitMiddleware, Runtime, resolve_in_flight
 from otelkit.settings import Settings, resolve_settings
@@ -37,6 +38,9 @@ _http_metrics: weakref.WeakKeyDictionary[Any, otelkit_metrics.HttpMetrics] = (
     weakref.WeakKeyDictionary()
 )
 _prometheus_readers: weakref.WeakKeyDictionary[Any, prometheus.PrometheusReader] = (
+    weakref.WeakKeyDictionary()
+)
+_snapshots: weakref.WeakKeyDictionary[prometheus.PrometheusReader, WorkerSnapshots] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -281,7 +285,7 @@ def instrument(
         if "prometheus" in settings.metrics_exporter and not settings.sdk_disabled:
             reader = _prometheus_reader(meters)
             if reader is not None:
-                render = _renderer(reader)
+                render = _renderer(reader, settings)
                 if settings.prometheus_port is not None:
                     _serve_separately(settings, render)
                     render = None
@@ -318,10 +322,18 @@ def instrument(
         )
 
 
-def _renderer(reader: prometheus.PrometheusReader) -> Any:
+def _renderer(reader: prometheus.PrometheusReader, settings: Settings) -> Any:
+    snapshots: WorkerSnapshots | None = None
+    if settings.multiprocess_dir:
+        snapshots = _snapshots.get(reader)
+        if snapshots is None:
+            snapshots = _snapshots[reader] = WorkerSnapshots(settings.multiprocess_dir, reader)
+
     def render(accept: str | None) -> tuple[str, str]:
         content_type = prometheus.negotiate(accept)
         openmetrics = content_type == prometheus.OPENMETRICS_CONTENT_TYPE
+        if snapshots is not None:
+            return content_type, snapshots.render(openmetrics=openmetrics)
         return content_type, prometheus.render(reader.snapshot(), openmetrics=openmetrics)
 
     return render
@@ -347,6 +359,8 @@ def _flusher(tracers: Any, meters: Any, timeout: float) -> Any:
     millis = int(timeout * 1000)
 
     def flush() -> None:
+        for snapshots in list(_snapshots.values()):
+            snapshots.close()
         for provider in (tracers, meters):
             force_flush = getattr(provider, "force_flush", None)
             if force_flush is not None:

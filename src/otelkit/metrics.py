@@ -348,6 +348,11 @@ class InFlight:
     def add(self, request: Any) -> None:
         self._active.add(request)
 
+    def seen(self, key: tuple[str, str, str]) -> None:
+        """Report ``key`` (0 when idle) from now on, once a request has used it."""
+        if len(self._seen) < 10_000:
+            self._seen.setdefault(key, 0)
+
     def discard(self, request: Any) -> None:
         self._active.discard(request)
 
@@ -467,6 +472,7 @@ class HttpMetrics:
             # but a buggy app could still invent statuses; bound the cache.
             if len(self._attribute_cache) < 10_000:
                 self._attribute_cache[key] = cached
+            self.in_flight.seen((method, endpoint, scheme))
         return cached
 
     def record(

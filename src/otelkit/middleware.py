@@ -353,9 +353,16 @@ class OtelkitMiddleware:
                         _exception_type(exc), route_template(scope)
                     )
             mark_logged(exc)
-            if not response_started and isinstance(exc, Exception):
+            if not isinstance(exc, Exception):
+                raise  # cancellation, KeyboardInterrupt, SystemExit: not ours to stop
+            if not response_started:
                 await _send_500(send, response_headers, request_id)
-            raise
+            elif not response_done:
+                raise  # a truncated body: the server must abort the connection
+            # The client has its complete response and the exception is logged,
+            # counted and on the span. Re-raising would only make the server log
+            # it a second time and close a keep-alive connection that a proxy
+            # may be about to reuse.
         else:
             if not finished:
                 if not response_started and not disconnected:

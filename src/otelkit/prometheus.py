@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -154,11 +154,110 @@ def _labels(pairs: Iterable[tuple[str, object]]) -> str:
 
 
 @dataclass(slots=True)
-class _Family:
+class Sample:
+    """One series of a family: its labels and its value.
+
+    For histograms ``value`` is the count, and ``buckets`` (per-bucket counts,
+    one more than ``bounds``), ``bounds`` and ``total`` (the sum) are set.
+    ``exemplars`` holds ``(bucket index, trace_id, span_id, value, unix time)``.
+    """
+
+    labels: dict[str, Any]
+    value: float
+    bounds: tuple[float, ...] = ()
+    buckets: list[int] = field(default_factory=list)
+    total: float = 0.0
+    exemplars: list[tuple[int, str, str, float, float]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Family:
+    """A metric family as Prometheus sees it: name, type, help and series."""
+
     name: str
     kind: str  # counter | gauge | histogram
     help: str
-    samples: list[str] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+    # Whether series add up across processes: true for sums (up-down
+    # counters are gauges that add), false for last-value gauges.
+    additive: bool = True
+
+
+def _exemplars_of(point: HistogramDataPoint) -> list[tuple[int, str, str, float, float]]:
+    result = []
+    bounds = point.explicit_bounds
+    for exemplar in point.exemplars or ():
+        if not exemplar.trace_id:
+            continue
+        index = next((i for i, bound in enumerate(bounds) if exemplar.value <= bound), len(bounds))
+        result.append(
+            (
+                index,
+                format(exemplar.trace_id, "032x"),
+                format(exemplar.span_id or 0, "016x"),
+                float(exemplar.value),
+                exemplar.time_unix_nano / 1e9,
+            )
+        )
+    return result
+
+
+def families_from(data: MetricsData | None) -> tuple[dict[str, Any], list[Family]]:
+    """Turn what a reader collected into ``(resource attributes, families)``."""
+    families: dict[str, Family] = {}
+    resource: dict[str, Any] = {}
+
+    def family(name: str, kind: str, help_text: str) -> Family | None:
+        existing = families.get(name)
+        if existing is None:
+            existing = families[name] = Family(name, kind, help_text)
+        elif existing.kind != kind:
+            return None  # two instruments of different kinds under one name: keep the first
+        return existing
+
+    for resource_metrics in data.resource_metrics if data is not None else ():
+        if not resource:
+            resource = dict(resource_metrics.resource.attributes)
+        for scope_metrics in resource_metrics.scope_metrics:
+            for metric in scope_metrics.metrics:
+                point_data = metric.data
+                description = metric.description or ""
+                if isinstance(point_data, Sum):
+                    counter = point_data.is_monotonic and (
+                        point_data.aggregation_temporality == AggregationTemporality.CUMULATIVE
+                    )
+                    name = metric_name(metric.name, metric.unit or "", counter=counter)
+                    fam = family(name, "counter" if counter else "gauge", description)
+                    if fam is not None:
+                        fam.samples.extend(
+                            Sample(dict(p.attributes or {}), p.value)
+                            for p in point_data.data_points
+                        )
+                elif isinstance(point_data, Gauge):
+                    name = metric_name(metric.name, metric.unit or "", counter=False)
+                    fam = family(name, "gauge", description)
+                    if fam is not None:
+                        fam.additive = False
+                        fam.samples.extend(
+                            Sample(dict(p.attributes or {}), p.value)
+                            for p in point_data.data_points
+                        )
+                elif isinstance(point_data, HistogramData):
+                    name = metric_name(metric.name, metric.unit or "", counter=False)
+                    fam = family(name, "histogram", description)
+                    if fam is not None:
+                        fam.samples.extend(
+                            Sample(
+                                dict(p.attributes or {}),
+                                p.count,
+                                tuple(p.explicit_bounds),
+                                list(p.bucket_counts),
+                                p.sum,
+                                _exemplars_of(p),
+                            )
+                            for p in point_data.data_points
+                        )
+    return resource, list(families.values())
 
 
 def _attribute_pairs(attributes: Mapping[str, Any]) -> list[tuple[str, object]]:
@@ -170,126 +269,64 @@ def _attribute_pairs(attributes: Mapping[str, Any]) -> list[tuple[str, object]]:
     return [(name, ";".join(sorted(values))) for name, values in sorted(merged.items())]
 
 
-def _exemplar(exemplars: Sequence[Any], low: float, high: float, openmetrics: bool) -> str:
-    if not openmetrics:
-        return ""
-    for exemplar in reversed(exemplars):
-        if low < exemplar.value <= high and exemplar.trace_id:
-            labels = [
-                ("trace_id", format(exemplar.trace_id, "032x")),
-                ("span_id", format(exemplar.span_id, "016x")),
-            ]
-            timestamp = exemplar.time_unix_nano / 1e9
-            return f" # {_labels(labels)} {_number(exemplar.value)} {timestamp:.3f}"
-    return ""
-
-
-def _histogram_samples(
-    name: str, point: HistogramDataPoint, pairs: list[tuple[str, object]], openmetrics: bool
-) -> Iterator[str]:
+def _histogram_lines(name: str, sample: Sample, openmetrics: bool) -> Iterator[str]:
+    pairs = _attribute_pairs(sample.labels)
+    exemplars: dict[int, tuple[int, str, str, float, float]] = {}
+    if openmetrics:
+        for exemplar in sample.exemplars:
+            if exemplar[0] not in exemplars or exemplar[4] >= exemplars[exemplar[0]][4]:
+                exemplars[exemplar[0]] = exemplar
     cumulative = 0
-    low = -math.inf
-    exemplars = list(point.exemplars or ())
-    bounds = [*point.explicit_bounds, math.inf]
-    for bound, count in zip(bounds, point.bucket_counts, strict=True):
+    for index, (bound, count) in enumerate(
+        zip([*sample.bounds, math.inf], sample.buckets, strict=True)
+    ):
         cumulative += count
         le = "+Inf" if math.isinf(bound) else _number(float(bound))
-        labels = _labels([*pairs, ("le", le)])
-        yield f"{name}_bucket{labels} {cumulative}{_exemplar(exemplars, low, bound, openmetrics)}"
-        low = bound
+        line = f"{name}_bucket{_labels([*pairs, ('le', le)])} {cumulative}"
+        if index in exemplars:
+            _, trace_id, span_id, value, timestamp = exemplars[index]
+            ids = _labels([("trace_id", trace_id), ("span_id", span_id)])
+            line += f" # {ids} {_number(value)} {timestamp:.3f}"
+        yield line
     labels = _labels(pairs)
-    yield f"{name}_sum{labels} {_number(point.sum)}"
-    yield f"{name}_count{labels} {point.count}"
+    yield f"{name}_sum{labels} {_number(sample.total)}"
+    yield f"{name}_count{labels} {int(sample.value)}"
 
 
-def render(
-    data: MetricsData | None,
-    *,
-    openmetrics: bool,
-    extra_families: Iterable[tuple[str, str, str, Iterable[tuple[Mapping[str, Any], float]]]] = (),
+def render_families(
+    resource: Mapping[str, Any], families: Iterable[Family], *, openmetrics: bool
 ) -> str:
-    """Render collected metrics as Prometheus text or OpenMetrics.
-
-    Args:
-        data: What a :class:`MetricReader` collected.
-        openmetrics: OpenMetrics 1.0 (with exemplars and ``# EOF``) instead
-            of the text format 0.0.4.
-        extra_families: ``(name, kind, help, [(labels, value), ...])`` for
-            metrics that do not come from a meter provider.
-    """
-    families: dict[str, _Family] = {}
-    target_info: dict[str, Any] | None = None
-
-    def family(name: str, kind: str, help_text: str) -> _Family | None:
-        existing = families.get(name)
-        if existing is None:
-            existing = families[name] = _Family(name, kind, help_text)
-        elif existing.kind != kind:
-            return None  # two instruments of different kinds under one name: keep the first
-        return existing
-
-    for resource_metrics in data.resource_metrics if data is not None else ():
-        if target_info is None:
-            target_info = dict(resource_metrics.resource.attributes)
-        for scope_metrics in resource_metrics.scope_metrics:
-            for metric in scope_metrics.metrics:
-                point_data = metric.data
-                if isinstance(point_data, Sum):
-                    counter = point_data.is_monotonic and (
-                        point_data.aggregation_temporality == AggregationTemporality.CUMULATIVE
-                    )
-                    name = metric_name(metric.name, metric.unit or "", counter=counter)
-                    fam = family(name, "counter" if counter else "gauge", metric.description or "")
-                    if fam is None:
-                        continue
-                    suffix = "_total" if counter else ""
-                    for number in point_data.data_points:
-                        labels = _labels(_attribute_pairs(number.attributes or {}))
-                        fam.samples.append(f"{name}{suffix}{labels} {_number(number.value)}")
-                elif isinstance(point_data, Gauge):
-                    name = metric_name(metric.name, metric.unit or "", counter=False)
-                    fam = family(name, "gauge", metric.description or "")
-                    if fam is None:
-                        continue
-                    for number in point_data.data_points:
-                        labels = _labels(_attribute_pairs(number.attributes or {}))
-                        fam.samples.append(f"{name}{labels} {_number(number.value)}")
-                elif isinstance(point_data, HistogramData):
-                    name = metric_name(metric.name, metric.unit or "", counter=False)
-                    fam = family(name, "histogram", metric.description or "")
-                    if fam is None:
-                        continue
-                    for bucketed in point_data.data_points:
-                        pairs = _attribute_pairs(bucketed.attributes or {})
-                        fam.samples.extend(_histogram_samples(name, bucketed, pairs, openmetrics))
-
-    for name, kind, help_text, samples in extra_families:
-        fam = family(name, kind, help_text)
-        if fam is None:
-            continue
-        suffix = "_total" if kind == "counter" else ""
-        for sample_labels, value in samples:
-            rendered = _labels(_attribute_pairs(sample_labels))
-            fam.samples.append(f"{name}{suffix}{rendered} {_number(value)}")
-
+    """Render families as Prometheus text (0.0.4) or OpenMetrics 1.0."""
     lines: list[str] = []
-    if target_info:
+    if resource:
         if openmetrics:
             lines += ["# TYPE target info", "# HELP target Target metadata"]
         else:
             lines += ["# HELP target_info Target metadata", "# TYPE target_info gauge"]
-        lines.append(f"target_info{_labels(_attribute_pairs(target_info))} 1")
-    for fam in families.values():
+        lines.append(f"target_info{_labels(_attribute_pairs(resource))} 1")
+    for fam in families:
         if not fam.samples:
             continue
         type_name = fam.name if openmetrics or fam.kind != "counter" else fam.name + "_total"
         if fam.help:
             lines.append(f"# HELP {type_name} {_escape_help(fam.help)}")
         lines.append(f"# TYPE {type_name} {fam.kind}")
-        lines.extend(fam.samples)
+        for sample in fam.samples:
+            if fam.kind == "histogram":
+                lines.extend(_histogram_lines(fam.name, sample, openmetrics))
+            else:
+                suffix = "_total" if fam.kind == "counter" else ""
+                labels = _labels(_attribute_pairs(sample.labels))
+                lines.append(f"{fam.name}{suffix}{labels} {_number(sample.value)}")
     if openmetrics:
         lines.append("# EOF")
     return "\n".join(lines) + "\n"
+
+
+def render(data: MetricsData | None, *, openmetrics: bool) -> str:
+    """Render what a reader collected as Prometheus text or OpenMetrics."""
+    resource, families = families_from(data)
+    return render_families(resource, families, openmetrics=openmetrics)
 
 
 class PrometheusReader(MetricReader):
