@@ -56,6 +56,7 @@ class _Owned:
 
 
 _owned = _Owned()
+_warned_foreign = [False]
 
 
 @dataclass(slots=True)
@@ -103,11 +104,21 @@ def _resource(settings: Settings, service: str, version: str, environment: str) 
     return Resource.create(attributes)
 
 
-def _tracer_provider(settings: Settings, resource: Resource, given: Any) -> Any:
+def _tracer_provider(
+    settings: Settings, resource: Resource, given: Any, *, automatic: bool = False
+) -> Any:
     if given is not None:
         return given
     current = trace.get_tracer_provider()
     if isinstance(current, TracerProvider):
+        if automatic and current is not _owned.tracer_provider and not _warned_foreign[0]:
+            _warned_foreign[0] = True
+            logs.get_logger("otelkit").warning(
+                "sdk_configured_elsewhere",
+                detail="another distro/configurator set up the OpenTelemetry SDK; otelkit "
+                "uses its providers and exporters. Set OTEL_PYTHON_DISTRO=otelkit and "
+                "OTEL_PYTHON_CONFIGURATOR=otelkit to get otelkit's.",
+            )
         return current  # configured by the application, the launcher or an earlier call
     provider = build_tracer_provider(settings, resource)
     if not settings.sdk_disabled:
@@ -275,7 +286,7 @@ def instrument(
             )
         otelkit_metrics.set_strict(environment in {"development", "test"})
         resource = _resource(settings, service, version, environment)
-        tracers = _tracer_provider(settings, resource, tracer_provider)
+        tracers = _tracer_provider(settings, resource, tracer_provider, automatic=_automatic)
         meters = _meter_provider(settings, resource, meter_provider)
         http_metrics = _http_metrics_for(meters, settings)
         otelkit_metrics.bind_declared(meters if meter_provider is not None else None)

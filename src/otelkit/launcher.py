@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import threading
 from collections.abc import Collection
 from typing import Any
@@ -40,7 +41,7 @@ from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-de
 from opentelemetry.sdk._configuration import _BaseConfigurator
 
 from otelkit import _instrument, logs
-from otelkit.settings import SETTINGS, resolve_settings
+from otelkit.settings import SETTINGS, ConfigurationError, resolve_settings
 
 __all__ = ["OtelkitConfigurator", "OtelkitDistro", "OtelkitInstrumentor"]
 
@@ -96,7 +97,16 @@ class OtelkitConfigurator(_BaseConfigurator):
         if _disabled():
             return
         _apply_aliases()
-        settings = resolve_settings()  # raises ConfigurationError on bad values
+        try:
+            settings = resolve_settings()
+        except ConfigurationError as exc:
+            # The launcher logs and swallows exceptions, then runs the program
+            # uninstrumented; a wrong setting must instead stop it at start-up,
+            # as otelkit.instrument() does in library mode. This runs inside
+            # sitecustomize, where SystemExit would become a fatal-error dump.
+            print(exc, file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(2)
         if settings.configure_logging:
             service = (
                 settings.service_name

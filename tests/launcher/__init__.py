@@ -1,0 +1,1 @@
+"""Apps for the launcher tests: they never import otelkit unless told to."""
