@@ -23,8 +23,10 @@ from urllib.parse import unquote, urlsplit
 __all__ = [
     "SETTINGS",
     "ConfigurationError",
+    "Resolution",
     "Setting",
     "Settings",
+    "inspect_settings",
     "resolve_settings",
 ]
 
@@ -515,6 +517,58 @@ class Settings:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """How one setting resolved: its value, or the error that stopped it."""
+
+    setting: Setting
+    value: Any
+    source: Source
+    error: ConfigurationError | None = None
+
+
+def inspect_settings(
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> list[Resolution]:
+    """Resolve every setting, collecting errors instead of stopping at the first.
+
+    ``otelkit check`` shows all of them at once; :func:`resolve_settings`
+    raises the first.
+    """
+    overrides = dict(overrides or {})
+    environ = os.environ if environ is None else environ
+    resolutions: list[Resolution] = []
+    for setting in SETTINGS:
+        raw: object
+        source: Source
+        if overrides.get(setting.name) is not None:
+            raw, source = overrides[setting.name], "argument"
+        elif setting.env is not None and environ.get(setting.env, "").strip():
+            raw, source = environ[setting.env], "environment"
+        else:
+            resolutions.append(Resolution(setting, setting.default, "default"))
+            continue
+        try:
+            resolutions.append(Resolution(setting, setting.parse(raw), source))
+        except ValueError as exc:
+            error = _fail(setting, raw, source, str(exc))
+            resolutions.append(Resolution(setting, raw, source, error))
+    by_name = {r.setting.name: r for r in resolutions}
+    arg = by_name["traces_sampler_arg"]
+    if arg.error is None and arg.value is not None:
+        try:
+            ratio = float(arg.value)
+        except ValueError:
+            ratio = -1.0
+        if not 0.0 <= ratio <= 1.0:
+            error = _fail(arg.setting, arg.value, arg.source, "a number from 0 to 1")
+            resolutions[resolutions.index(arg)] = Resolution(
+                arg.setting, arg.value, arg.source, error
+            )
+    return resolutions
+
+
 def resolve_settings(
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -529,43 +583,17 @@ def resolve_settings(
     Raises:
         ConfigurationError: A value is invalid, or an override names no setting.
     """
-    overrides = dict(overrides or {})
-    environ = os.environ if environ is None else environ
-    unknown = sorted(set(overrides) - set(_BY_NAME))
+    unknown = sorted(set(overrides or {}) - set(_BY_NAME))
     if unknown:
         raise ConfigurationError(
             f"otelkit: unknown setting(s) {', '.join(unknown)}; "
             f"known settings are {', '.join(sorted(_BY_NAME))}",
         )
-    values: dict[str, Any] = {}
-    sources: dict[str, Source] = {}
-    for setting in SETTINGS:
-        raw: object
-        source: Source
-        if overrides.get(setting.name) is not None:
-            raw, source = overrides[setting.name], "argument"
-        elif setting.env is not None and environ.get(setting.env, "").strip():
-            raw, source = environ[setting.env], "environment"
-        else:
-            values[setting.name], sources[setting.name] = setting.default, "default"
-            continue
-        try:
-            values[setting.name] = setting.parse(raw)
-        except ValueError as exc:
-            raise _fail(setting, raw, source, str(exc)) from None
-        sources[setting.name] = source
-    _check_sampler_arg(values, sources)
-    return Settings(values, sources)
-
-
-def _check_sampler_arg(values: dict[str, Any], sources: dict[str, Source]) -> None:
-    arg = values["traces_sampler_arg"]
-    if arg is None:
-        return
-    setting = _BY_NAME["traces_sampler_arg"]
-    try:
-        ratio = float(arg)
-    except ValueError:
-        ratio = -1.0
-    if not 0.0 <= ratio <= 1.0:
-        raise _fail(setting, arg, sources["traces_sampler_arg"], "a number from 0 to 1")
+    resolutions = inspect_settings(overrides, environ)
+    for resolution in resolutions:
+        if resolution.error is not None:
+            raise resolution.error
+    return Settings(
+        {r.setting.name: r.value for r in resolutions},
+        {r.setting.name: r.source for r in resolutions},
+    )
