@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import threading
+import time
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -14,7 +16,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp
@@ -22,6 +24,7 @@ from starlette.types import ASGIApp
 from otelkit import exporters, logs, prometheus
 from otelkit import metrics as otelkit_metrics
 from otelkit._multiprocess import WorkerSnapshots
+from otelkit._pipeline import CountingMetricExporter, SpanPipeline
 from otelkit.context import get_request_id
 from otelkit.middleware import OtelkitMiddleware, Runtime, resolve_in_flight
 from otelkit.settings import Settings, resolve_settings
@@ -53,10 +56,20 @@ class _Owned:
     meter_provider: MeterProvider | None = None
     metrics_server: prometheus.MetricsServer | None = None
     readers: list[MetricReader] = field(default_factory=list)
+    shutdown_timeout: float = 3.0
 
 
 _owned = _Owned()
 _warned_foreign = [False]
+_exit_registered = [False]
+
+
+def _register_exit_once() -> None:
+    # The SDK's own atexit shutdown waits for a hung export as long as it
+    # takes; otelkit's providers are shut down by this bounded one instead.
+    if not _exit_registered[0]:
+        _exit_registered[0] = True
+        atexit.register(_shutdown_owned_at_exit)
 
 
 @dataclass(slots=True)
@@ -127,10 +140,12 @@ def _tracer_provider(
             if exporter.__class__.__name__ == "ConsoleSpanExporter":
                 processor = SimpleSpanProcessor(exporter)
             else:
-                processor = BatchSpanProcessor(exporter)
+                processor = SpanPipeline(exporter)
             provider.add_span_processor(processor)
     trace.set_tracer_provider(provider)
     _owned.tracer_provider = provider
+    _owned.shutdown_timeout = settings.shutdown_timeout
+    _register_exit_once()
     return provider
 
 
@@ -145,7 +160,7 @@ def _meter_provider(settings: Settings, resource: Resource, given: Any) -> Any:
         if "otlp" in settings.metrics_exporter and exporters.otlp_endpoint(settings, "metrics"):
             readers.append(
                 PeriodicExportingMetricReader(
-                    exporters.otlp_metric_exporter(settings),
+                    CountingMetricExporter(exporters.otlp_metric_exporter(settings)),
                     export_interval_millis=settings.metric_export_interval,
                 )
             )
@@ -158,9 +173,11 @@ def _meter_provider(settings: Settings, resource: Resource, given: Any) -> Any:
                     export_interval_millis=settings.metric_export_interval,
                 )
             )
-    provider = MeterProvider(metric_readers=readers, resource=resource, shutdown_on_exit=True)
+    provider = MeterProvider(metric_readers=readers, resource=resource, shutdown_on_exit=False)
     metrics.set_meter_provider(provider)
     _owned.meter_provider = provider
+    _owned.shutdown_timeout = settings.shutdown_timeout
+    _register_exit_once()
     _owned.readers.extend(readers)
     return provider
 
@@ -366,24 +383,45 @@ def _serve_separately(settings: Settings, render: Any) -> None:
             )
 
 
+def run_bounded(work: Any, timeout: float) -> bool:
+    """Run ``work()`` in a daemon thread; wait at most ``timeout`` seconds.
+
+    A hung exporter (a blackholed collector) then costs the shutdown at most
+    ``timeout``, and cannot keep the process from exiting.
+    """
+    thread = threading.Thread(target=work, name="otelkit-shutdown", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return not thread.is_alive()
+
+
+def _flush_all(providers: tuple[Any, ...], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for snapshots in list(_snapshots.values()):
+        snapshots.close()
+    for provider in providers:
+        force_flush = getattr(provider, "force_flush", None)
+        left = deadline - time.monotonic()
+        if force_flush is None or left <= 0:
+            continue
+        try:
+            force_flush(int(left * 1000))
+        except Exception as exc:  # a failing exporter must not fail the shutdown
+            logs.get_logger("otelkit").warning("telemetry_flush_failed", error=str(exc))
+
+
 def _flusher(tracers: Any, meters: Any, timeout: float) -> Any:
-    millis = int(timeout * 1000)
-
-    def flush() -> None:
-        for snapshots in list(_snapshots.values()):
-            snapshots.close()
-        for provider in (tracers, meters):
-            force_flush = getattr(provider, "force_flush", None)
-            if force_flush is not None:
-                try:
-                    force_flush(millis)
-                except Exception as exc:  # a failing exporter must not fail the shutdown
-                    logs.get_logger("otelkit").warning("telemetry_flush_failed", error=str(exc))
-
     async def on_shutdown() -> None:
-        await asyncio.to_thread(flush)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(
+            None, run_bounded, lambda: _flush_all((tracers, meters), timeout), timeout
+        )
 
     return on_shutdown
+
+
+def _shutdown_owned_at_exit() -> None:
+    shutdown(_owned.shutdown_timeout)
 
 
 def _silence_native_fastapi_telemetry(app: Any) -> dict[str, Any] | None:
@@ -430,18 +468,31 @@ def uninstrument(app: Any) -> None:
         delattr(app, _ATTRIBUTE)
 
 
-def shutdown(timeout: float = 5.0) -> None:
-    """Flush and shut down what otelkit created (providers, metrics server)."""
+def shutdown(timeout: float = 3.0) -> None:
+    """Flush and shut down what otelkit created, within ``timeout`` seconds."""
     with _lock:
         if _owned.metrics_server is not None:
             _owned.metrics_server.close()
             _owned.metrics_server = None
-        for provider in (_owned.tracer_provider, _owned.meter_provider):
-            if provider is not None:
-                provider.shutdown()
+        providers = [p for p in (_owned.tracer_provider, _owned.meter_provider) if p is not None]
         _owned.tracer_provider = None
         _owned.meter_provider = None
         _owned.readers.clear()
+    for snapshots in list(_snapshots.values()):
+        snapshots.close()
+    if not providers:
+        return
+    deadline = time.monotonic() + timeout
+
+    def stop() -> None:
+        for provider in providers:
+            left = max(0.0, deadline - time.monotonic())
+            if isinstance(provider, MeterProvider):
+                provider.shutdown(timeout_millis=int(left * 1000))
+            else:  # TracerProvider.shutdown takes no timeout; SpanPipeline keeps its own
+                provider.shutdown()
+
+    run_bounded(stop, timeout)
 
 
 def current_settings(app: Any) -> Settings | None:

@@ -27,6 +27,7 @@ import structlog
 from opentelemetry import trace
 from structlog.typing import EventDict, Processor, WrappedLogger
 
+from otelkit._pipeline import RateLimitFilter
 from otelkit.context import get_request_id
 
 __all__ = [
@@ -389,6 +390,7 @@ def configure_logging(
         cache_logger_on_first_use=True,
     )
     handler = StructlogHandler(processors, sink)
+    handler.addFilter(RateLimitFilter(("opentelemetry",)))
     root = logging.getLogger()
     for old in list(root.handlers):
         if old is _configured_handler or isinstance(old, logging.StreamHandler):

@@ -367,6 +367,12 @@ class InFlight:
         return result
 
 
+def _observe_dropped(options: CallbackOptions) -> Iterable[Observation]:
+    from otelkit._pipeline import DROPPED
+
+    return [Observation(count, {"signal": signal}) for signal, count in DROPPED.items()]
+
+
 class HttpMetrics:
     """The HTTP instruments, created once from one meter provider."""
 
@@ -424,6 +430,12 @@ class HttpMetrics:
                 "Number of active HTTP server requests.",
             )
         self._attribute_cache: dict[tuple[str, str, int, str | None], tuple[Any, ...]] = {}
+        meter.create_observable_counter(
+            "otelkit_exporter_dropped",
+            [_observe_dropped],
+            "",
+            "Telemetry items otelkit could not deliver (queue full or export failed)",
+        )
 
     def _observe_in_progress(self, options: CallbackOptions) -> Iterable[Observation]:
         counts = self.in_flight.counts()

@@ -59,7 +59,10 @@ def build_tracer_provider(settings: Settings, resource: Resource) -> TracerProvi
     # Span limits stay the SDK's (OTEL_SPAN_ATTRIBUTE_*): the middleware bounds
     # the client-controlled values it sets itself, and a global length limit
     # would truncate exception stack traces with a warning each time.
-    return TracerProvider(resource=resource, sampler=build_sampler(settings), shutdown_on_exit=True)
+    # otelkit shuts its providers down itself, within OTELKIT_SHUTDOWN_TIMEOUT.
+    return TracerProvider(
+        resource=resource, sampler=build_sampler(settings), shutdown_on_exit=False
+    )
 
 
 class traced(AbstractContextManager["trace.Span"]):
