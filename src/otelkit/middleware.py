@@ -164,10 +164,12 @@ class OtelkitMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
         if scope_type != "http":
-            if scope_type == "lifespan" and self.runtime.on_shutdown is not None:
+            if scope_type == "websocket":
+                await self._websocket(scope, receive, send)
+            elif scope_type == "lifespan" and self.runtime.on_shutdown is not None:
                 await self._lifespan(scope, receive, send)
-                return
-            await self.app(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
             return
 
         runtime = self.runtime
@@ -256,6 +258,7 @@ class OtelkitMiddleware:
         response_started = False
         response_done = False
         disconnected = False
+        client_gone = False
         finished = False
         end: float | None = None
         end_ns: int | None = None
@@ -267,8 +270,12 @@ class OtelkitMiddleware:
             duration = stop - start
             route = route_template(scope)
             code = status
-            if not response_started:
-                code = 499 if disconnected else 500
+            if client_gone:
+                # The client left before its response was complete; what the
+                # app meant to send never arrived (nginx's 499).
+                code = 499
+            elif not response_started:
+                code = 500
             exception_type = _exception_type(exc) if exc is not None else None
             error_type = exception_type or (str(code) if code >= 500 else None)
             if recording:
@@ -298,7 +305,13 @@ class OtelkitMiddleware:
             span.end(end_time=end_ns)
             if runtime.access_log:
                 log = runtime.access_logger
-                emit = log.error if code >= 500 else log.warning if code >= 400 else log.info
+                emit = (
+                    log.error
+                    if code >= 500 or exc is not None
+                    else log.warning
+                    if code >= 400
+                    else log.info
+                )
                 emit(
                     "http_request_completed",
                     method=raw_method[:_MAX_LOGGED_METHOD],
@@ -318,16 +331,21 @@ class OtelkitMiddleware:
             return message
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status, response_started, response_done, end, end_ns
+            nonlocal status, response_started, response_done, end, end_ns, client_gone
             message_type = message["type"]
             if message_type == "http.response.start":
                 response_started = True
                 status = message["status"]
+                client_gone = client_gone or disconnected
                 message = dict(message)
                 message["headers"] = _with_headers(message.get("headers", ()), response_headers)
+            try:
                 await send(message)
+            except OSError:
+                client_gone = True  # the connection broke under the response
+                raise
+            if message_type == "http.response.start":
                 return
-            await send(message)
             if message_type == "http.response.body" and not message.get("more_body", False):
                 response_done = True
                 end = time.perf_counter()
@@ -340,6 +358,13 @@ class OtelkitMiddleware:
         try:
             await self.app(scope, receive_wrapper, send_wrapper)
         except BaseException as exc:
+            if not response_done and (client_gone or type(exc).__name__ == "ClientDisconnect"):
+                # Not an application error: the client went away. Nothing to
+                # log with a traceback, nothing to re-raise into the server.
+                client_gone = True
+                if not finished:
+                    finish(None)
+                return
             if not finished:
                 finish(exc)
             else:
@@ -365,7 +390,8 @@ class OtelkitMiddleware:
             # may be about to reuse.
         else:
             if not finished:
-                if not response_started and not disconnected:
+                client_gone = client_gone or (disconnected and not response_done)
+                if not response_started and not client_gone:
                     await _send_500(send, response_headers, request_id)
                 finish(None)
         finally:
@@ -405,6 +431,96 @@ class OtelkitMiddleware:
         if flavor:
             attributes["network.protocol.version"] = flavor
         span.set_attributes(attributes)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """One SERVER span per websocket connection, from handshake to close."""
+        runtime = self.runtime
+        path: str = scope["path"]
+        incoming = None
+        propagated = False
+        for name, value in scope["headers"]:
+            if name == self._header:
+                incoming = value
+            elif name in self._fields:
+                propagated = True
+        parent = propagate.extract(scope["headers"], getter=_GETTER) if propagated else None
+        span = runtime.tracer.start_span(
+            "WS",
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={
+                "url.path": path[:_MAX_ATTRIBUTE],
+                "url.scheme": scope.get("scheme", "ws"),
+                "network.protocol.name": "websocket",
+            },
+        )
+        span_context = span.get_span_context()
+        if incoming is not None and is_valid_request_id(incoming):
+            request_id = incoming.decode()
+        elif span_context.is_valid:
+            request_id = format(span_context.trace_id, "032x")
+        else:
+            request_id = _fresh_request_id()
+        span.set_attribute("request.id", request_id)
+        context_token = otel_context.attach(trace.set_span_in_context(span, parent))
+        id_token = bind_request_id(request_id)
+        start = time.perf_counter()
+        close_code: int | None = None
+        accepted = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal close_code, accepted
+            if message["type"] == "websocket.accept":
+                accepted = True
+                message = dict(message)
+                message["headers"] = _with_headers(
+                    message.get("headers", ()), [(self._header, request_id.encode())]
+                )
+            elif message["type"] == "websocket.close":
+                close_code = int(message.get("code", 1000))
+            await send(message)
+
+        async def receive_wrapper() -> Message:
+            nonlocal close_code
+            message = await receive()
+            if message["type"] == "websocket.disconnect" and close_code is None:
+                close_code = int(message.get("code", 1005))
+            return message
+
+        error: BaseException | None = None
+        try:
+            await self.app(scope, receive_wrapper, send_wrapper)
+        except BaseException as exc:
+            error = exc
+            mark_logged(exc)
+            raise
+        finally:
+            route = route_template(scope)
+            if route:
+                span.update_name(f"WS {route}")
+                span.set_attribute("http.route", route)
+            if close_code is not None:
+                span.set_attribute("websocket.close.code", close_code)
+            if error is not None:
+                span.record_exception(error)
+                span.set_status(Status(StatusCode.ERROR, _exception_type(error)))
+                span.set_attribute("error.type", _exception_type(error))
+            span.end()
+            if runtime.access_log:
+                log = runtime.access_logger
+                emit = log.error if error is not None else log.info
+                emit(
+                    "websocket_closed",
+                    route=route,
+                    path=path[:_MAX_LOGGED_PATH],
+                    accepted=accepted,
+                    close_code=close_code,
+                    duration_ms=round((time.perf_counter() - start) * 1000, 3),
+                    client=_client_address(scope),
+                    exc_info=error,
+                )
+            reset_request_id(id_token)
+            otel_context.detach(context_token)
 
     async def _untraced(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
         token = bind_request_id(request_id)
