@@ -160,7 +160,10 @@ def _meter_provider(settings: Settings, resource: Resource, given: Any) -> Any:
         if "otlp" in settings.metrics_exporter and exporters.otlp_endpoint(settings, "metrics"):
             readers.append(
                 PeriodicExportingMetricReader(
-                    CountingMetricExporter(exporters.otlp_metric_exporter(settings)),
+                    CountingMetricExporter(
+                        exporters.otlp_metric_exporter(settings),
+                        [lambda: produced_metrics(metrics.get_meter_provider())],
+                    ),
                     export_interval_millis=settings.metric_export_interval,
                 )
             )
@@ -182,6 +185,12 @@ def _meter_provider(settings: Settings, resource: Resource, given: Any) -> Any:
     return provider
 
 
+def produced_metrics(provider: Any) -> list[Any]:
+    """The metrics otelkit aggregates itself for ``provider`` (the HTTP histograms)."""
+    http = _http_metrics.get(provider)
+    return http.histograms() if http is not None else []
+
+
 def _prometheus_reader(provider: Any) -> prometheus.PrometheusReader | None:
     reader = _prometheus_readers.get(provider)
     if reader is None:
@@ -189,12 +198,35 @@ def _prometheus_reader(provider: Any) -> prometheus.PrometheusReader | None:
         if add is None:
             return None
         reader = prometheus.PrometheusReader()
+        reader.producers.append(lambda: produced_metrics(provider))
         add(reader)
         _prometheus_readers[provider] = reader
     return reader
 
 
-def _http_metrics_for(provider: Any, settings: Settings) -> otelkit_metrics.HttpMetrics:
+def _feeds_every_reader(provider: Any, extra_readers: tuple[Any, ...]) -> bool:
+    """Whether otelkit can add its own aggregated metrics to each of the provider's readers.
+
+    True when every reader is otelkit's (its Prometheus reader, or a periodic
+    reader around its OTLP exporter wrapper) or one the caller vouched for;
+    a reader the application brought would otherwise miss the histograms.
+    """
+    config = getattr(provider, "_sdk_config", None)
+    readers = getattr(config, "metric_readers", None)
+    if readers is None:
+        return False
+    for reader in readers:
+        if isinstance(reader, prometheus.PrometheusReader) or reader in extra_readers:
+            continue
+        if isinstance(getattr(reader, "_exporter", None), CountingMetricExporter):
+            continue
+        return False
+    return True
+
+
+def _http_metrics_for(
+    provider: Any, settings: Settings, trusted_readers: tuple[Any, ...] = ()
+) -> otelkit_metrics.HttpMetrics:
     http = _http_metrics.get(provider)
     if http is None:
         http = otelkit_metrics.HttpMetrics(
@@ -202,6 +234,7 @@ def _http_metrics_for(provider: Any, settings: Settings) -> otelkit_metrics.Http
             otelkit_metrics.InFlight(resolve_in_flight),
             semconv=settings.semconv_metrics,
             version=__version__,
+            produced=_feeds_every_reader(provider, trusted_readers),
         )
         _http_metrics[provider] = http
     return http
@@ -246,6 +279,7 @@ def instrument(
     meter_provider: Any = None,
     log_stream: IO[str] | None = None,
     _automatic: bool = False,
+    _trusted_readers: tuple[Any, ...] = (),
     **overrides: Any,
 ) -> None:
     """Make ``app`` observable: spans, request ids, metrics, structured logs.
@@ -305,10 +339,6 @@ def instrument(
         resource = _resource(settings, service, version, environment)
         tracers = _tracer_provider(settings, resource, tracer_provider, automatic=_automatic)
         meters = _meter_provider(settings, resource, meter_provider)
-        http_metrics = _http_metrics_for(meters, settings)
-        otelkit_metrics.bind_declared(meters if meter_provider is not None else None)
-        use_provider(tracers if tracer_provider is not None else None)
-
         render = None
         if "prometheus" in settings.metrics_exporter and not settings.sdk_disabled:
             reader = _prometheus_reader(meters)
@@ -317,6 +347,9 @@ def instrument(
                 if settings.prometheus_port is not None:
                     _serve_separately(settings, render)
                     render = None
+        http_metrics = _http_metrics_for(meters, settings, _trusted_readers)
+        otelkit_metrics.bind_declared(meters if meter_provider is not None else None)
+        use_provider(tracers if tracer_provider is not None else None)
 
         runtime = Runtime(
             tracer=tracers.get_tracer(INSTRUMENTATION_NAME, __version__),

@@ -24,13 +24,26 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, attach, detach, set_value
-from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
+from opentelemetry.sdk.metrics import Histogram
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    HistogramDataPoint,
+    Metric,
+    MetricExporter,
+    MetricExportResult,
+    MetricsData,
+    ResourceMetrics,
+    ScopeMetrics,
+)
+from opentelemetry.sdk.metrics.export import Histogram as HistogramData
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from otelkit.prometheus import with_produced
 
 __all__ = ["DROPPED", "CountingMetricExporter", "RateLimitFilter", "SpanPipeline"]
 
@@ -230,20 +243,41 @@ class SpanPipeline(SpanProcessor):
 
 
 class CountingMetricExporter(MetricExporter):
-    """Wraps a metric exporter: counts the data points of failed exports."""
+    """Wraps a metric exporter: adds otelkit's produced metrics, counts failed exports."""
 
-    def __init__(self, exporter: MetricExporter) -> None:
+    def __init__(
+        self,
+        exporter: MetricExporter,
+        producers: Sequence[Callable[[], list[Metric]]] = (),
+    ) -> None:
         super().__init__(
             preferred_temporality=exporter._preferred_temporality,
             preferred_aggregation=exporter._preferred_aggregation,
         )
         self._exporter = exporter
+        self._producers = producers
+        preferred = exporter._preferred_temporality or {}
+        self._delta = preferred.get(Histogram) == AggregationTemporality.DELTA
+        self._previous: dict[tuple[str, frozenset[tuple[str, Any]]], HistogramDataPoint] = {}
         self._warn = _Warner()
+
+    def _produced(self, metrics_data: MetricsData) -> MetricsData:
+        data = with_produced(metrics_data, self._producers)
+        if data is None or not self._delta or data is metrics_data:
+            return data or metrics_data
+        *_, produced = data.resource_metrics[0].scope_metrics
+        deltas = [_delta(metric, self._previous) for metric in produced.metrics]
+        first = data.resource_metrics[0]
+        scopes = [*first.scope_metrics[:-1], ScopeMetrics(produced.scope, deltas, "")]
+        return MetricsData(
+            [ResourceMetrics(first.resource, scopes, first.schema_url), *data.resource_metrics[1:]]
+        )
 
     def export(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
     ) -> MetricExportResult:
         """Export, and count what a failure loses."""
+        metrics_data = self._produced(metrics_data)
         try:
             result = self._exporter.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
         except Exception as exc:
@@ -278,6 +312,46 @@ class CountingMetricExporter(MetricExporter):
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
         """Delegate to the wrapped exporter."""
         self._exporter.shutdown(timeout_millis=timeout_millis, **kwargs)
+
+
+def _delta(
+    metric: Metric, previous: dict[tuple[str, frozenset[tuple[str, Any]]], HistogramDataPoint]
+) -> Metric:
+    """The change of a cumulative histogram since the last call (delta temporality)."""
+    points = []
+    data = metric.data
+    if not isinstance(data, HistogramData):
+        return metric
+    for point in data.data_points:
+        key = (metric.name, frozenset((point.attributes or {}).items()))
+        last = previous.get(key)
+        previous[key] = point
+        if last is None:
+            points.append(point)
+            continue
+        buckets = [a - b for a, b in zip(point.bucket_counts, last.bucket_counts, strict=True)]
+        if not any(buckets):
+            continue
+        points.append(
+            HistogramDataPoint(
+                point.attributes,
+                last.time_unix_nano,
+                point.time_unix_nano,
+                point.count - last.count,
+                point.sum - last.sum,
+                buckets,
+                point.explicit_bounds,
+                point.min,
+                point.max,
+                [e for e in point.exemplars if e.time_unix_nano > last.time_unix_nano],
+            )
+        )
+    return Metric(
+        metric.name,
+        metric.description,
+        metric.unit,
+        HistogramData(points, AggregationTemporality.DELTA),
+    )
 
 
 class RateLimitFilter(logging.Filter):

@@ -19,11 +19,15 @@ from __future__ import annotations
 import re
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
+from opentelemetry.sdk.metrics import Exemplar
+from opentelemetry.sdk.metrics.export import AggregationTemporality, HistogramDataPoint, Metric
+from opentelemetry.sdk.metrics.export import Histogram as HistogramData
 
 __all__ = [
     "DURATION_BUCKETS",
@@ -373,17 +377,56 @@ def _observe_dropped(options: CallbackOptions) -> Iterable[Observation]:
     return [Observation(count, {"signal": signal}) for signal, count in DROPPED.items()]
 
 
+_BOUNDS = list(DURATION_BUCKETS)
+_MAX_SERIES = 10_000
+OVERFLOW = "<overflow>"
+
+
+class _Series:
+    """The latency distribution of one (method, route, status, scheme, error) key."""
+
+    __slots__ = ("buckets", "exemplars", "maximum", "minimum", "total")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(_BOUNDS) + 1)
+        self.total = 0.0
+        self.minimum = float("inf")
+        self.maximum = 0.0
+        # The latest sampled request of each bucket: (trace_id, span_id, value, time_ns).
+        self.exemplars: list[tuple[int, int, float, int] | None] = [None] * (len(_BOUNDS) + 1)
+
+
 class HttpMetrics:
-    """The HTTP instruments, created once from one meter provider."""
+    """The HTTP metrics: one dictionary update per request, everything else at collection.
+
+    Recording through the SDK's synchronous instruments costs about 5 µs per
+    call (attribute cleaning and hashing, exemplar reservoirs, locks), and a
+    request needs three or four of them. Instead the middleware adds each
+    request to one latency distribution per (method, route, status, scheme,
+    error type); at collection time that one aggregation yields:
+
+    - ``http_requests_total`` (counts by method, endpoint, status),
+      ``errors_total``, ``exceptions_total``, ``http_requests_in_progress`` and
+      ``http.server.active_requests``: observable instruments on the meter
+      provider, so every reader of it sees them;
+    - ``http_request_duration_seconds`` and ``http.server.request.duration``:
+      histograms with exemplars, which the SDK cannot take pre-aggregated
+      (Python has no asynchronous histogram nor MetricProducer), so otelkit
+      adds them to the collections of its own readers (Prometheus, OTLP):
+      see :meth:`histograms`.
+    """
 
     __slots__ = (
-        "_attribute_cache",
         "_duration",
         "_errors",
         "_exceptions",
-        "_requests",
+        "_lock",
+        "_semconv",
         "_semconv_duration",
+        "_series",
+        "_start_ns",
         "in_flight",
+        "produced",
     )
 
     def __init__(
@@ -393,21 +436,46 @@ class HttpMetrics:
         *,
         semconv: bool,
         version: str = "",
+        produced: bool = True,
     ) -> None:
         meter = provider.get_meter(HTTP_METER_NAME, version)
         self.in_flight = in_flight
-        self._requests = meter.create_counter("http_requests", "", "Total HTTP requests")
-        self._duration = meter.create_histogram(
-            "http_request_duration",
-            "s",
-            "HTTP request latency in seconds",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        self._semconv = semconv
+        # Whether otelkit feeds the histograms to every reader of the provider
+        # itself (it knows them all); otherwise they go through the SDK.
+        self.produced = produced
+        self._duration: Any = None
+        self._semconv_duration: Any = None
+        if not produced:
+            self._duration = meter.create_histogram(
+                "http_request_duration",
+                "s",
+                "HTTP request latency in seconds",
+                explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+            )
+            if semconv:
+                self._semconv_duration = meter.create_histogram(
+                    "http.server.request.duration",
+                    "s",
+                    "Duration of HTTP server requests.",
+                    explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+                )
+        self._series: dict[tuple[str, str, str | None, int, str, str | None], _Series] = {}
+        self._errors: dict[tuple[str, str], int] = {}
+        self._exceptions: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._start_ns = time.time_ns()
+        meter.create_observable_counter(
+            "http_requests", [self._observe_requests], "", "Total HTTP requests"
         )
-        self._errors = meter.create_counter(
-            "errors", "", "Total errors by type: client_error, server_error, exception"
+        meter.create_observable_counter(
+            "errors",
+            [self._observe_errors],
+            "",
+            "Total errors by type: client_error, server_error, exception",
         )
-        self._exceptions = meter.create_counter(
-            "exceptions", "", "Total unhandled exceptions by type"
+        meter.create_observable_counter(
+            "exceptions", [self._observe_exceptions], "", "Total unhandled exceptions by type"
         )
         meter.create_observable_up_down_counter(
             "http_requests_in_progress",
@@ -415,27 +483,121 @@ class HttpMetrics:
             "",
             "HTTP requests being processed",
         )
-        self._semconv_duration = None
         if semconv:
-            self._semconv_duration = meter.create_histogram(
-                "http.server.request.duration",
-                "s",
-                "Duration of HTTP server requests.",
-                explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-            )
             meter.create_observable_up_down_counter(
                 "http.server.active_requests",
                 [self._observe_active],
                 "{request}",
                 "Number of active HTTP server requests.",
             )
-        self._attribute_cache: dict[tuple[str, str, int, str | None], tuple[Any, ...]] = {}
         meter.create_observable_counter(
             "otelkit_exporter_dropped",
             [_observe_dropped],
             "",
             "Telemetry items otelkit could not deliver (queue full or export failed)",
         )
+
+    # -- the request path --------------------------------------------------
+
+    def record(
+        self,
+        method: str,
+        endpoint: str,
+        route: str | None,
+        status: int,
+        scheme: str,
+        duration: float,
+        error_type: str | None,
+        exception_type: str | None,
+        exemplar: tuple[int, int, float, int] | None,
+    ) -> None:
+        """Add one finished request (``exemplar``: its sampled trace, if any)."""
+        key = (method, endpoint, route, status, scheme, error_type)
+        series = self._series.get(key)
+        if series is None:
+            series = self._new_series(key)
+        index = bisect_left(_BOUNDS, duration)
+        series.buckets[index] += 1
+        series.total += duration
+        series.minimum = min(series.minimum, duration)
+        series.maximum = max(series.maximum, duration)
+        if exemplar is not None:
+            series.exemplars[index] = exemplar
+        if self._duration is not None:
+            self._record_through_sdk(method, endpoint, route, status, scheme, duration, error_type)
+        if exception_type is not None:
+            self.record_exception(exception_type, endpoint)
+        elif status >= 400:
+            kind = "server_error" if status >= 500 else "client_error"
+            errors = self._errors
+            errors[kind, endpoint] = errors.get((kind, endpoint), 0) + 1
+
+    def _record_through_sdk(
+        self,
+        method: str,
+        endpoint: str,
+        route: str | None,
+        status: int,
+        scheme: str,
+        duration: float,
+        error_type: str | None,
+    ) -> None:
+        self._duration.record(duration, {"method": method, "endpoint": endpoint})
+        if self._semconv_duration is not None:
+            attributes: dict[str, Any] = {
+                "http.request.method": method,
+                "http.response.status_code": status,
+                "url.scheme": scheme,
+            }
+            if route is not None:
+                attributes["http.route"] = route
+            if error_type is not None:
+                attributes["error.type"] = error_type
+            self._semconv_duration.record(duration, attributes)
+
+    def _new_series(self, key: tuple[str, str, str | None, int, str, str | None]) -> _Series:
+        with self._lock:
+            if len(self._series) >= _MAX_SERIES:
+                # A bug that invents statuses or error types cannot grow memory
+                # or the scrape without bound.
+                key = ("_OTHER", OVERFLOW, None, 0, key[4], None)
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = _Series()
+            self.in_flight.seen((key[0], key[1], key[4]))
+            return series
+
+    def record_exception(self, exception_type: str, endpoint: str | None) -> None:
+        """Count an unhandled exception (also one raised after its response was sent)."""
+        endpoint = endpoint or "<unmatched>"
+        with self._lock:
+            if len(self._exceptions) < 1000 or exception_type in self._exceptions:
+                self._exceptions[exception_type] = self._exceptions.get(exception_type, 0) + 1
+            key = ("exception", endpoint)
+            self._errors[key] = self._errors.get(key, 0) + 1
+
+    # -- collection --------------------------------------------------------
+
+    def _observe_requests(self, options: CallbackOptions) -> Iterable[Observation]:
+        totals: dict[tuple[str, str, int], int] = {}
+        for (method, endpoint, _, status, _, _), series in list(self._series.items()):
+            key = (method, endpoint, status)
+            totals[key] = totals.get(key, 0) + sum(series.buckets)
+        return [
+            Observation(n, {"method": m, "endpoint": e, "status": str(s)})
+            for (m, e, s), n in totals.items()
+        ]
+
+    def _observe_errors(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(n, {"error_type": kind, "endpoint": endpoint})
+            for (kind, endpoint), n in list(self._errors.items())
+        ]
+
+    def _observe_exceptions(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(n, {"exception_type": name}) for name, n in list(self._exceptions.items())
+        ]
 
     def _observe_in_progress(self, options: CallbackOptions) -> Iterable[Observation]:
         counts = self.in_flight.counts()
@@ -453,69 +615,103 @@ class HttpMetrics:
             for (method, scheme), n in totals.items()
         ]
 
-    def _attributes(
-        self,
-        method: str,
-        endpoint: str,
-        route: str | None,
-        status: int,
-        scheme: str,
-        error_type: str | None,
-    ) -> tuple[Any, ...]:
-        key = (method, endpoint, status, error_type)
-        cached = self._attribute_cache.get(key)
-        if cached is None or cached[3] != scheme:
-            semconv: dict[str, Any] = {
-                "http.request.method": method,
-                "http.response.status_code": status,
-                "url.scheme": scheme,
-            }
-            if route is not None:
-                semconv["http.route"] = route
-            if error_type is not None:
-                semconv["error.type"] = error_type
-            cached = (
-                {"method": method, "endpoint": endpoint, "status": str(status)},
-                {"method": method, "endpoint": endpoint},
-                semconv,
-                scheme,
+    def histograms(self) -> list[Metric]:
+        """The duration histograms, cumulative, as the SDK's readers would collect them."""
+        if not self.produced:
+            return []
+        now = time.time_ns()
+        own: dict[tuple[str, str], list[Any]] = {}
+        semconv: list[HistogramDataPoint] = []
+        for (method, endpoint, route, status, scheme, error), series in list(self._series.items()):
+            buckets = list(series.buckets)
+            count = sum(buckets)
+            exemplars = [
+                Exemplar({}, value, at, span_id, trace_id)
+                for entry in list(series.exemplars)
+                if entry is not None
+                for trace_id, span_id, value, at in (entry,)
+            ]
+            merged = own.get((method, endpoint))
+            if merged is None:
+                own[method, endpoint] = [
+                    buckets,
+                    series.total,
+                    count,
+                    series.minimum,
+                    series.maximum,
+                    exemplars,
+                ]
+            else:
+                merged[0] = [a + b for a, b in zip(merged[0], buckets, strict=True)]
+                merged[1] += series.total
+                merged[2] += count
+                merged[3] = min(merged[3], series.minimum)
+                merged[4] = max(merged[4], series.maximum)
+                merged[5] = merged[5] + exemplars
+            if self._semconv:
+                attributes: dict[str, Any] = {
+                    "http.request.method": method,
+                    "http.response.status_code": status,
+                    "url.scheme": scheme,
+                }
+                if route is not None:
+                    attributes["http.route"] = route
+                if error is not None:
+                    attributes["error.type"] = error
+                semconv.append(
+                    HistogramDataPoint(
+                        attributes,
+                        self._start_ns,
+                        now,
+                        count,
+                        series.total,
+                        buckets,
+                        _BOUNDS,
+                        series.minimum,
+                        series.maximum,
+                        exemplars,
+                    )
+                )
+        cumulative = AggregationTemporality.CUMULATIVE
+        result = [
+            Metric(
+                "http_request_duration",
+                "HTTP request latency in seconds",
+                "s",
+                HistogramData(
+                    [
+                        HistogramDataPoint(
+                            {"method": method, "endpoint": endpoint},
+                            self._start_ns,
+                            now,
+                            count,
+                            total,
+                            buckets,
+                            _BOUNDS,
+                            low,
+                            high,
+                            exemplars,
+                        )
+                        for (method, endpoint), (
+                            buckets,
+                            total,
+                            count,
+                            low,
+                            high,
+                            exemplars,
+                        ) in own.items()
+                    ],
+                    cumulative,
+                ),
             )
-            # Keys are bounded (known methods x route templates x statuses),
-            # but a buggy app could still invent statuses; bound the cache.
-            if len(self._attribute_cache) < 10_000:
-                self._attribute_cache[key] = cached
-            self.in_flight.seen((method, endpoint, scheme))
-        return cached
-
-    def record(
-        self,
-        *,
-        method: str,
-        endpoint: str,
-        route: str | None,
-        status: int,
-        scheme: str,
-        duration: float,
-        error_type: str | None,
-        exception_type: str | None,
-    ) -> None:
-        """Record one finished request. Call while its span is current (exemplars)."""
-        requests, durations, semconv, _ = self._attributes(
-            method, endpoint, route, status, scheme, error_type
-        )
-        self._requests.add(1, requests)
-        self._duration.record(duration, durations)
-        if self._semconv_duration is not None:
-            self._semconv_duration.record(duration, semconv)
-        if exception_type is not None:
-            self._errors.add(1, {"error_type": "exception", "endpoint": endpoint})
-            self._exceptions.add(1, {"exception_type": exception_type})
-        elif status >= 500:
-            self._errors.add(1, {"error_type": "server_error", "endpoint": endpoint})
-        elif status >= 400:
-            self._errors.add(1, {"error_type": "client_error", "endpoint": endpoint})
-
-    def record_exception(self, exception_type: str, route: str | None) -> None:
-        """Count an exception raised after its request's response was complete."""
-        self._errors.add(1, {"error_type": "exception", "endpoint": route or "<unmatched>"})
-        self._exceptions.add(1, {"exception_type": exception_type})
+        ]
+        if self._semconv:
+            result.append(
+                Metric(
+                    "http.server.request.duration",
+                    "Duration of HTTP server requests.",
+                    "s",
+                    HistogramData(semconv, cumulative),
+                )
+            )
+        return result

@@ -122,6 +122,12 @@ def _fresh_request_id() -> str:
     return f"{random.getrandbits(128):032x}"
 
 
+def _exemplar(
+    span_context: trace.SpanContext, duration: float, end_ns: int | None
+) -> tuple[int, int, float, int]:
+    return span_context.trace_id, span_context.span_id, duration, end_ns or time.time_ns()
+
+
 def _exception_type(exc: BaseException) -> str:
     cls = type(exc)
     module = cls.__module__
@@ -224,6 +230,7 @@ class OtelkitMiddleware:
         else:  # a no-op tracer (tracing disabled) has no trace id to offer
             request_id = _fresh_request_id()
         recording = span.is_recording()
+        sampled = span_context.trace_flags.sampled
         if recording:
             self._start_attributes(span, scope, raw_method, method, user_agent, host, request_id)
 
@@ -293,14 +300,22 @@ class OtelkitMiddleware:
                     span.set_status(Status(StatusCode.ERROR, exception_type))
             if runtime.http_metrics is not None:
                 runtime.http_metrics.record(
-                    method=method,
-                    endpoint=route or UNMATCHED,
-                    route=route,
-                    status=code,
-                    scheme=scheme,
-                    duration=duration,
-                    error_type=error_type,
-                    exception_type=exception_type,
+                    method,
+                    route or UNMATCHED,
+                    route,
+                    code,
+                    scheme,
+                    duration,
+                    error_type,
+                    exception_type,
+                    (
+                        span_context.trace_id,
+                        span_context.span_id,
+                        duration,
+                        end_ns or time.time_ns(),
+                    )
+                    if sampled
+                    else None,
                 )
             span.end(end_time=end_ns)
             if runtime.access_log:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -35,11 +35,15 @@ from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     Gauge,
     HistogramDataPoint,
+    Metric,
     MetricReader,
     MetricsData,
+    ResourceMetrics,
+    ScopeMetrics,
     Sum,
 )
 from opentelemetry.sdk.metrics.export import Histogram as HistogramData
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 __all__ = [
     "OPENMETRICS_CONTENT_TYPE",
@@ -329,6 +333,20 @@ def render(data: MetricsData | None, *, openmetrics: bool) -> str:
     return render_families(resource, families, openmetrics=openmetrics)
 
 
+def with_produced(
+    data: MetricsData | None, producers: Iterable[Callable[[], list[Metric]]]
+) -> MetricsData | None:
+    """``data`` plus the producers' metrics, under otelkit's scope, same resource."""
+    extra = [metric for producer in producers for metric in producer()]
+    if not extra or data is None or not data.resource_metrics:
+        return data
+    first, *rest = data.resource_metrics
+    scope = ScopeMetrics(InstrumentationScope("otelkit"), extra, "")
+    return MetricsData(
+        [ResourceMetrics(first.resource, [*first.scope_metrics, scope], first.schema_url), *rest]
+    )
+
+
 class PrometheusReader(MetricReader):
     """A pull reader: collects when scraped, keeps nothing between scrapes.
 
@@ -350,6 +368,9 @@ class PrometheusReader(MetricReader):
         )
         self._lock = threading.Lock()
         self._latest: MetricsData | None = None
+        # Functions returning metrics to add to every collection: the HTTP
+        # histograms, which otelkit aggregates itself (see HttpMetrics).
+        self.producers: list[Callable[[], list[Metric]]] = []
 
     def _receive_metrics(
         self,
@@ -360,11 +381,11 @@ class PrometheusReader(MetricReader):
         self._latest = metrics_data
 
     def snapshot(self) -> MetricsData | None:
-        """Collect now and return what the meter provider holds."""
+        """Collect now and return what the meter provider holds (and the producers)."""
         with self._lock:
             self._latest = None
             self.collect()
-            return self._latest
+            return with_produced(self._latest, self.producers)
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
         """Nothing to release: the reader holds no thread or connection."""

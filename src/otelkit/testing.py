@@ -38,6 +38,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from otelkit import _instrument, logs
 from otelkit import metrics as otelkit_metrics
+from otelkit.prometheus import with_produced
 from otelkit.tracing import use_provider
 
 __all__ = ["CapturedTelemetry", "capture"]
@@ -76,7 +77,10 @@ class CapturedTelemetry:
 
     def metric_points(self, name: str) -> list[Any]:
         """Data points of the OpenTelemetry instrument called ``name``."""
-        data = self.metric_reader.get_metrics_data()
+        data = with_produced(
+            self.metric_reader.get_metrics_data(),
+            [lambda: _instrument.produced_metrics(self.meter_provider)],
+        )
         points: list[Any] = []
         for resource_metrics in data.resource_metrics if data else ():
             for scope_metrics in resource_metrics.scope_metrics:
@@ -117,6 +121,7 @@ def capture(app: Any, **overrides: Any) -> Iterator[CapturedTelemetry]:
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
         log_stream=stream,
+        _trusted_readers=(reader,),  # metric_points() adds otelkit's own metrics
         **overrides,
     )
     try:
