@@ -211,10 +211,13 @@ def _feeds_every_reader(provider: Any, extra_readers: tuple[Any, ...]) -> bool:
     reader around its OTLP exporter wrapper) or one the caller vouched for;
     a reader the application brought would otherwise miss the histograms.
     """
-    config = getattr(provider, "_sdk_config", None)
-    readers = getattr(config, "metric_readers", None)
-    if readers is None:
+    # The SDK keeps the readers (constructor's and added ones) in its
+    # measurement consumer; there is no public way to list them.
+    consumer = getattr(provider, "_measurement_consumer", None)
+    storages = getattr(consumer, "_reader_storages", None)
+    if not isinstance(storages, dict):
         return False
+    readers = list(storages)
     for reader in readers:
         if isinstance(reader, prometheus.PrometheusReader) or reader in extra_readers:
             continue

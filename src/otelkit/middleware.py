@@ -24,7 +24,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from otelkit.context import bind_request_id, is_valid_request_id, reset_request_id
-from otelkit.logs import mark_logged
+from otelkit.logs import access_line, mark_logged
 from otelkit.metrics import HttpMetrics
 
 __all__ = ["OtelkitMiddleware", "Runtime"]
@@ -231,8 +231,6 @@ class OtelkitMiddleware:
             request_id = _fresh_request_id()
         recording = span.is_recording()
         sampled = span_context.trace_flags.sampled
-        if recording:
-            self._start_attributes(span, scope, raw_method, method, user_agent, host, request_id)
 
         context_token = otel_context.attach(trace.set_span_in_context(span, parent))
         id_token = bind_request_id(request_id)
@@ -288,7 +286,12 @@ class OtelkitMiddleware:
             if recording:
                 if route:
                     span.update_name(f"{span_name} {route}")
-                attributes: dict[str, Any] = {"http.response.status_code": code}
+                # All but the sampler's three attributes in one call: each
+                # set_attribute(s) call takes the span's lock and cleans values.
+                attributes = self._request_attributes(
+                    scope, raw_method, method, user_agent, host, request_id
+                )
+                attributes["http.response.status_code"] = code
                 if route:
                     attributes["http.route"] = route
                 if error_type is not None:
@@ -319,24 +322,35 @@ class OtelkitMiddleware:
                 )
             span.end(end_time=end_ns)
             if runtime.access_log:
-                log = runtime.access_logger
-                emit = (
-                    log.error
-                    if code >= 500 or exc is not None
-                    else log.warning
-                    if code >= 400
-                    else log.info
-                )
-                emit(
-                    "http_request_completed",
-                    method=raw_method[:_MAX_LOGGED_METHOD],
-                    route=route,
-                    path=path[:_MAX_LOGGED_PATH],
-                    status_code=code,
-                    duration_ms=round(duration * 1000, 3),
-                    client=_client_address(scope),
-                    exc_info=exc,
-                )
+                fields = {
+                    "method": raw_method[:_MAX_LOGGED_METHOD],
+                    "route": route,
+                    "path": path[:_MAX_LOGGED_PATH],
+                    "status_code": code,
+                    "duration_ms": round(duration * 1000, 3),
+                    "client": _client_address(scope),
+                }
+                if code >= 500 or exc is not None:
+                    level, number = "error", 40
+                elif code >= 400:
+                    level, number = "warning", 30
+                else:
+                    level, number = "info", 20
+                fast = access_line()
+                if fast is not None and exc is None:
+                    if fast.enabled(number):
+                        valid = span_context.is_valid
+                        fast.write(
+                            level,
+                            fields,
+                            request_id,
+                            trace_id if valid else None,
+                            format(span_context.span_id, "016x") if valid else None,
+                        )
+                else:
+                    getattr(runtime.access_logger, level)(
+                        "http_request_completed", **fields, exc_info=exc
+                    )
 
         async def receive_wrapper() -> Message:
             nonlocal disconnected
@@ -352,7 +366,8 @@ class OtelkitMiddleware:
                 response_started = True
                 status = message["status"]
                 client_gone = client_gone or disconnected
-                message = dict(message)
+                # Messages are made for this one send; changing it in place is
+                # what Starlette's own middleware do (MutableHeaders).
                 message["headers"] = _with_headers(message.get("headers", ()), response_headers)
             try:
                 await send(message)
@@ -415,16 +430,15 @@ class OtelkitMiddleware:
             reset_request_id(id_token)
             otel_context.detach(context_token)
 
-    def _start_attributes(
-        self,
-        span: trace.Span,
+    @staticmethod
+    def _request_attributes(
         scope: Scope,
         raw_method: str,
         method: str,
         user_agent: bytes | None,
         host: bytes | None,
         request_id: str,
-    ) -> None:
+    ) -> dict[str, Any]:
         attributes: dict[str, Any] = {"request.id": request_id}
         client = scope.get("client")
         if client:
@@ -445,7 +459,7 @@ class OtelkitMiddleware:
         flavor = scope.get("http_version")
         if flavor:
             attributes["network.protocol.version"] = flavor
-        span.set_attributes(attributes)
+        return attributes
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """One SERVER span per websocket connection, from handshake to close."""
