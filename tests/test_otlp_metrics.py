@@ -70,3 +70,26 @@ def test_export_interval_is_honoured() -> None:
             server.stop()
         # ...but shutdown flushes what was recorded.
         assert receiver.metrics("http_requests")
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_log_lines_are_exported_as_otlp_logs_when_asked(protocol: str) -> None:
+    with OtlpReceiver() as receiver:
+        env = receiver.otel_env(protocol) | {
+            "OTEL_LOGS_EXPORTER": "otlp",
+            "OTEL_TRACES_EXPORTER": "none",
+            "OTEL_BLRP_SCHEDULE_DELAY": "100",
+        }
+        with serve(uvicorn(), env=env) as server:
+            request_id = httpx.get(f"{server.url}/api/v1/projects").headers["x-request-id"]
+            receiver.wait_for(
+                lambda: [r for r in receiver.logs() if r.body == "http_request_completed"], 10
+            )
+    records = {r.body: r for r in receiver.logs()}
+    access = records["http_request_completed"]
+    assert access.severity_text == "INFO"
+    assert access.attributes["request_id"] == request_id
+    assert access.attributes["route"] == "/api/v1/projects"
+    assert access.attributes["service"] == "modelling-backend"
+    assert records["projects_listed"].attributes["count"] == 3
+    assert access.trace_id == request_id  # the record carries the request's trace

@@ -55,6 +55,7 @@ class _Owned:
     tracer_provider: TracerProvider | None = None
     meter_provider: MeterProvider | None = None
     metrics_server: prometheus.MetricsServer | None = None
+    logger_provider: Any = None
     readers: list[MetricReader] = field(default_factory=list)
     shutdown_timeout: float = 3.0
 
@@ -147,6 +148,28 @@ def _tracer_provider(
     _owned.shutdown_timeout = settings.shutdown_timeout
     _register_exit_once()
     return provider
+
+
+def _log_provider(settings: Settings, resource: Resource) -> None:
+    """OTLP log export of every line, when OTEL_LOGS_EXPORTER asks for it."""
+    if (
+        settings.sdk_disabled
+        or "otlp" not in settings.logs_exporter
+        or exporters.otlp_endpoint(settings, "logs") is None
+        or _owned.logger_provider is not None
+    ):
+        return
+    from opentelemetry._logs import set_logger_provider
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+
+    provider = LoggerProvider(resource=resource, shutdown_on_exit=False)
+    provider.add_log_record_processor(
+        BatchLogRecordProcessor(exporters.otlp_log_exporter(settings))
+    )
+    set_logger_provider(provider)
+    _owned.logger_provider = provider
+    logs.set_otlp_logger(provider.get_logger("otelkit", __version__))
 
 
 def _meter_provider(settings: Settings, resource: Resource, given: Any) -> Any:
@@ -341,6 +364,7 @@ def instrument(
         otelkit_metrics.set_strict(environment in {"development", "test"})
         resource = _resource(settings, service, version, environment)
         tracers = _tracer_provider(settings, resource, tracer_provider, automatic=_automatic)
+        _log_provider(settings, resource)
         meters = _meter_provider(settings, resource, meter_provider)
         render = None
         if "prometheus" in settings.metrics_exporter and not settings.sdk_disabled:
@@ -448,9 +472,10 @@ def _flush_all(providers: tuple[Any, ...], timeout: float) -> None:
 
 def _flusher(tracers: Any, meters: Any, timeout: float) -> Any:
     async def on_shutdown() -> None:
+        providers = (tracers, meters, _owned.logger_provider)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(
-            None, run_bounded, lambda: _flush_all((tracers, meters), timeout), timeout
+            None, run_bounded, lambda: _flush_all(providers, timeout), timeout
         )
 
     return on_shutdown
@@ -510,9 +535,15 @@ def shutdown(timeout: float = 3.0) -> None:
         if _owned.metrics_server is not None:
             _owned.metrics_server.close()
             _owned.metrics_server = None
-        providers = [p for p in (_owned.tracer_provider, _owned.meter_provider) if p is not None]
+        providers = [
+            p
+            for p in (_owned.tracer_provider, _owned.meter_provider, _owned.logger_provider)
+            if p is not None
+        ]
         _owned.tracer_provider = None
         _owned.meter_provider = None
+        _owned.logger_provider = None
+        logs.set_otlp_logger(None)
         _owned.readers.clear()
     for snapshots in list(_snapshots.values()):
         snapshots.close()

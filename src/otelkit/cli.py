@@ -290,7 +290,15 @@ def _check(args: argparse.Namespace) -> int:
     for problem in problems:
         out.line(out.paint(f"✗ {problem['setting']}: {problem['problem']}", "red"))
     if not problems:
-        out.line(out.paint("✓ configuration is valid; the endpoints answer", "green"))
+        probed = [
+            r
+            for r in resolutions
+            if r.setting.name.startswith("otlp_")
+            and r.setting.name.endswith("endpoint")
+            and r.value
+        ]
+        detail = "; the configured endpoints answer" if probed else ""
+        out.line(out.paint(f"✓ configuration is valid{detail}", "green"))
     return 1 if problems else 0
 
 

@@ -41,6 +41,15 @@ __all__ = [
 ]
 
 REDACTED = "[REDACTED]"
+DEFAULT_REDACT_FIELDS = (
+    "token",
+    "password",
+    "passwd",
+    "secret",
+    "api_key",
+    "apikey",
+    "authorization",
+)
 
 # Header names whose values are credentials whatever the configured words:
 # they are redacted when logged as fields (e.g. a dict of request headers).
@@ -150,6 +159,49 @@ class RedactSecrets:
             elif isinstance(value, dict):
                 event_dict[key] = self._redact_mapping(value)
         return event_dict
+
+
+_SEVERITY = {"debug": 5, "info": 9, "warning": 13, "error": 17, "critical": 21}
+_otel_logger: Any = None
+
+
+def set_otlp_logger(logger: Any) -> None:
+    """Also send every line as an OpenTelemetry log record through ``logger``."""
+    global _otel_logger
+    _otel_logger = logger
+
+
+def _attribute(value: object) -> Any:
+    if isinstance(value, str | bool | int | float):
+        return value
+    return repr(value)
+
+
+def emit_otlp(event_dict: EventDict) -> None:
+    """Send one line's fields as an OTLP log record (when OTEL_LOGS_EXPORTER=otlp)."""
+    logger = _otel_logger
+    if logger is None:
+        return
+    level = str(event_dict.get("level", "info"))
+    exc_info = event_dict.get("exc_info")
+    attributes = {
+        key: _attribute(value)
+        for key, value in event_dict.items()
+        if key not in {"event", "level", "timestamp", "exc_info", "exception"} and value is not None
+    }
+    with contextlib.suppress(Exception):  # telemetry must never fail the log call
+        logger.emit(
+            severity_number=_SEVERITY.get(level, 9),
+            severity_text=level.upper(),
+            body=str(event_dict.get("event", "")),
+            attributes=attributes,
+            exception=exc_info if isinstance(exc_info, BaseException) else None,
+        )
+
+
+def _emit_otlp(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    emit_otlp(event_dict)
+    return event_dict
 
 
 class AddServiceFields:
@@ -390,6 +442,8 @@ class AccessLine:
         if trace_id is not None:
             line["trace_id"] = trace_id
             line["span_id"] = span_id
+        if _otel_logger is not None:
+            emit_otlp(line)
         self._sink.write(render_json(None, level, line))
 
 
@@ -417,6 +471,7 @@ def _processors(
         AddServiceFields(service, version, environment),
         add_request_context,
         RedactSecrets(redact_fields),
+        _emit_otlp,
     ]
     if log_format == "console":
         processors += [
@@ -435,7 +490,7 @@ def configure_logging(
     service: str = "unknown_service",
     version: str = "unknown",
     environment: str = "production",
-    redact_fields: Iterable[str] = ("token", "password", "secret", "api_key", "authorization"),
+    redact_fields: Iterable[str] = DEFAULT_REDACT_FIELDS,
     stream: IO[str] | None = None,
     quiet_server_access_log: bool = True,
 ) -> None:
@@ -480,7 +535,15 @@ def configure_logging(
     handler.addFilter(RateLimitFilter(("opentelemetry",)))
     root = logging.getLogger()
     for old in list(root.handlers):
-        if old is _configured_handler or isinstance(old, logging.StreamHandler):
+        # Replace otelkit's earlier handler and console handlers (basicConfig's,
+        # a server's) that would print every line a second time; keep files.
+        console = type(old) is logging.StreamHandler and getattr(old, "stream", None) in (
+            sys.stdout,
+            sys.stderr,
+            sys.__stdout__,
+            sys.__stderr__,
+        )
+        if old is _configured_handler or console:
             root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)

@@ -30,10 +30,12 @@ from otelkit.metrics import HttpMetrics
 __all__ = ["OtelkitMiddleware", "Runtime"]
 
 KNOWN_METHODS = frozenset(
-    os.environ.get(
+    method.strip().upper()
+    for method in os.environ.get(
         "OTEL_INSTRUMENTATION_HTTP_KNOWN_METHODS",
         "CONNECT,DELETE,GET,HEAD,OPTIONS,PATCH,POST,PUT,TRACE",
     ).split(",")
+    if method.strip()
 )
 UNMATCHED = "<unmatched>"
 # Client-controlled strings written to logs and span attributes are bounded.
@@ -355,7 +357,8 @@ class OtelkitMiddleware:
         async def receive_wrapper() -> Message:
             nonlocal disconnected
             message = await receive()
-            if message["type"] == "http.disconnect":
+            # A disconnect after the response (keep-alive closing) is no news.
+            if message["type"] == "http.disconnect" and not response_done:
                 disconnected = True
             return message
 
@@ -388,12 +391,17 @@ class OtelkitMiddleware:
         try:
             await self.app(scope, receive_wrapper, send_wrapper)
         except BaseException as exc:
-            if not response_done and (client_gone or type(exc).__name__ == "ClientDisconnect"):
-                # Not an application error: the client went away. Nothing to
-                # log with a traceback, nothing to re-raise into the server.
+            cancelled = not isinstance(exc, Exception)
+            if not finished and (
+                client_gone or disconnected or cancelled or type(exc).__name__ == "ClientDisconnect"
+            ):
+                # Not an application error: the client went away (or the
+                # server cancelled the request for it). Recorded as 499, with
+                # no traceback; a cancellation keeps propagating.
                 client_gone = True
-                if not finished:
-                    finish(None)
+                finish(None)
+                if cancelled:
+                    raise
                 return
             if not finished:
                 finish(exc)

@@ -48,6 +48,11 @@ def _fail(setting: Setting, raw: object, source: Source, accepted: str) -> Confi
         name = setting.env if source == "environment" else setting.name
     else:
         name = f"{setting.name} (or {setting.env})"
+    if setting.name == "otlp_headers" and isinstance(raw, str):
+        # The value holds credentials: show its shape, never its secrets.
+        raw = ",".join(
+            part.partition("=")[0] + ("=..." if "=" in part else "") for part in raw.split(",")
+        )
     return ConfigurationError(
         f"otelkit: invalid {name}={raw!r} ({where}); expected {accepted}",
     )
