@@ -239,3 +239,24 @@ def test_demo_command_runs_the_example_and_shows_traces() -> None:
     assert "http://127.0.0.1:" in output
     assert "/debug/traces" in output
     assert "/metrics" in output
+
+
+@pytest.mark.parametrize("uvicorn_flag", ["--no-access-log", "--access-log"])
+def test_with_otelkit_access_log_off_the_server_keeps_its_own(uvicorn_flag: str) -> None:
+    env = {"OTELKIT_ACCESS_LOG": "false"}
+    with serve(uvicorn("examples.modelling.app:app", uvicorn_flag), env=env) as server:
+        httpx.get(f"{server.url}/api/v1/projects")
+        server.stop()
+        output = server.output()
+    assert "http_request_completed" not in output
+    uvicorn_line = '"GET /api/v1/projects HTTP/1.1" 200'
+    assert (uvicorn_line in output) == (uvicorn_flag == "--access-log")
+
+
+def test_log_level_also_applies_to_the_servers_loggers() -> None:
+    with serve(uvicorn(), env={"LOG_LEVEL": "WARNING"}) as server:
+        httpx.get(f"{server.url}/api/v1/projects")
+        server.stop()
+        output = server.output()
+    assert "Uvicorn running on" not in output
+    assert "Started server process" not in output

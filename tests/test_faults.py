@@ -60,8 +60,9 @@ def _rss_kib(pid: int) -> int:
 
 def _dropped(server: Server, signal_name: str) -> float:
     text = httpx.get(f"{server.url}/metrics").text
-    match = re.search(rf'^otelkit_exporter_dropped_total\{{signal="{signal_name}"\}} (\S+)$',
-                      text, re.M)
+    match = re.search(
+        rf'^otelkit_exporter_dropped_total\{{signal="{signal_name}"\}} (\S+)$', text, re.M
+    )
     assert match, text[-500:]
     return float(match.group(1))
 
@@ -131,8 +132,11 @@ def test_collector_fault_costs_nothing_but_telemetry(fault: str, baseline_p50: f
     # Shutdown does not wait for a collector that will never answer.
     assert elapsed < 5.0, elapsed
     # One warning per kind of failure, not one per batch.
-    warnings = [line for line in output.splitlines()
-                if '"level":"warning"' in line or '"level":"error"' in line]
+    warnings = [
+        line
+        for line in output.splitlines()
+        if '"level":"warning"' in line or '"level":"error"' in line
+    ]
     assert len(warnings) <= 8, "\n".join(warnings)
 
 
@@ -141,14 +145,17 @@ def test_flapping_collector_telemetry_resumes() -> None:
         httpx.get(f"{server.url}/api/v1/projects")
         receiver.wait_for_span("GET /api/v1/projects")
         receiver.stop()
-        down_ids = {httpx.get(f"{server.url}/api/v1/projects/1").headers["x-request-id"]
-                    for _ in range(20)}
+        down_ids = {
+            httpx.get(f"{server.url}/api/v1/projects/1").headers["x-request-id"] for _ in range(20)
+        }
         time.sleep(1.0)
         receiver.start()
-        up_ids = {httpx.get(f"{server.url}/api/v1/projects/2").headers["x-request-id"]
-                  for _ in range(20)}
+        up_ids = {
+            httpx.get(f"{server.url}/api/v1/projects/2").headers["x-request-id"] for _ in range(20)
+        }
         receiver.wait_for(
-            lambda: up_ids <= {s.trace_id for s in receiver.spans()} or None, 15,
+            lambda: up_ids <= {s.trace_id for s in receiver.spans()} or None,
+            15,
             message="spans sent after the collector came back",
         )
         receiver.wait_for(lambda: receiver.metrics("http_requests"), 10)
@@ -160,8 +167,12 @@ def test_flapping_collector_telemetry_resumes() -> None:
 
 def test_sigterm_under_load_delivers_every_answered_request() -> None:
     with OtlpReceiver() as receiver:
-        env = _env(receiver.grpc_endpoint, OTEL_BSP_SCHEDULE_DELAY="5000",
-                   OTEL_BSP_MAX_QUEUE_SIZE="8192", OTEL_METRIC_EXPORT_INTERVAL="60000")
+        env = _env(
+            receiver.grpc_endpoint,
+            OTEL_BSP_SCHEDULE_DELAY="5000",
+            OTEL_BSP_MAX_QUEUE_SIZE="8192",
+            OTEL_METRIC_EXPORT_INTERVAL="60000",
+        )
         with serve(uvicorn(), env=env) as server:
             answered: list[str] = []
             stop = threading.Event()
@@ -190,8 +201,11 @@ def test_sigterm_under_load_delivers_every_answered_request() -> None:
     missing = set(answered) - received
     assert not missing, f"{len(missing)} of {len(answered)} answered requests have no span"
     exported = max(
-        (p.value for p in receiver.metrics("http_requests")
-         if p.attributes.get("endpoint") == "/api/v1/projects"),
+        (
+            p.value
+            for p in receiver.metrics("http_requests")
+            if p.attributes.get("endpoint") == "/api/v1/projects"
+        ),
         default=0,
     )
     assert exported >= len(answered)
@@ -212,9 +226,12 @@ def test_bad_configuration_fails_at_start_up_with_one_clear_message(variable: st
     if variable == "OTEL_TRACES_SAMPLER_ARG":
         env["OTEL_TRACES_SAMPLER"] = "traceidratio"
     result = subprocess.run(
-        [sys.executable, "-m", "uvicorn", "examples.modelling.app:app", "--port",
-         str(free_port())],
-        env=base_env(env), capture_output=True, text=True, timeout=60, check=False,
+        [sys.executable, "-m", "uvicorn", "examples.modelling.app:app", "--port", str(free_port())],
+        env=base_env(env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
         cwd=Path(__file__).resolve().parents[1],
     )
     assert result.returncode != 0

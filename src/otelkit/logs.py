@@ -532,6 +532,7 @@ def configure_logging(
         cache_logger_on_first_use=True,
     )
     handler = StructlogHandler(processors, sink)
+    handler.setLevel(level)
     handler.addFilter(RateLimitFilter(("opentelemetry",)))
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -557,17 +558,20 @@ def configure_logging(
 def _route_server_loggers(quiet_access: bool) -> None:
     # Servers configure their loggers with their own handlers and no
     # propagation before they import the app; send them through the root.
+    # Their levels stay as the server set them (--log-level); the root
+    # handler's level applies LOG_LEVEL on top.
     for name in ("uvicorn", "uvicorn.error", "gunicorn", "gunicorn.error"):
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
-        logger.setLevel(logging.NOTSET)
-    for name in ("uvicorn.access", "gunicorn.access"):
-        logger = logging.getLogger(name)
-        logger.handlers.clear()
-        logger.propagate = not quiet_access
-        logger.disabled = quiet_access
-        logger.setLevel(logging.NOTSET)
+    if quiet_access:
+        # otelkit's access line replaces the server's; without it (access_log
+        # off) the server's access logger is left exactly as configured.
+        for name in ("uvicorn.access", "gunicorn.access"):
+            logger = logging.getLogger(name)
+            logger.handlers.clear()
+            logger.propagate = False
+            logger.disabled = True
 
 
 def _isatty(stream: IO[str]) -> bool:
