@@ -530,6 +530,10 @@ def test_secrets_never_reach_logs_or_spans(
             assert SECRET not in str(value)
     (span,) = server_spans(telemetry)
     assert span.attributes["url.query"] == "api_key=[REDACTED]&page=[REDACTED]"
+    for accept in ("text/plain", "application/openmetrics-text"):
+        scrape = client.get("/metrics", headers={"Accept": accept}).text
+        assert SECRET not in scrape
+        assert "/items/{item_id}" in scrape  # the request is there, by its route
 
 
 def test_redacted_field_list_is_configurable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -133,6 +133,8 @@ class SpanPipeline(SpanProcessor):
         self._idle.set()
         self._stopping = False
         self._exporting = threading.Lock()
+        self._waiting = False
+        self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, name="otelkit-spans", daemon=True)
         self._thread.start()
 
@@ -159,13 +161,36 @@ class SpanPipeline(SpanProcessor):
             return
         queue.append(span)
         if len(queue) >= self._wake_at and not self._wake.is_set():
-            self._wake.set()
+            if self._waiting:
+                self._hand_over()
+            else:
+                self._wake.set()
+
+    def _hand_over(self) -> None:
+        """Wake the idle export thread and make sure it gets to run.
+
+        A busy event loop releases and retakes the GIL around every
+        ``epoll`` call, and CPython restarts a waiting thread's switch-interval
+        timer at every switch: the woken export thread then never wins the
+        GIL until the loop holds it for 5 ms straight (a garbage collection,
+        every half second or so), by which time the queue has overflowed. This
+        is why the SDK's batch processor drops spans under sustained load.
+        Blocking here for the instant it takes the thread to start (at most
+        1 ms, releasing the GIL) hands it over; it then keeps the GIL for a
+        switch interval, which drains hundreds of spans.
+        """
+        self._started.clear()
+        self._wake.set()
+        self._started.wait(0.001)
 
     # -- the export thread -------------------------------------------------
 
     def _run(self) -> None:
         while not self._stopping:
+            self._waiting = True
             self._wake.wait(self._delay)
+            self._waiting = False
+            self._started.set()
             self._wake.clear()
             self._drain()
 

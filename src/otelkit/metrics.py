@@ -378,6 +378,24 @@ def _observe_dropped(options: CallbackOptions) -> Iterable[Observation]:
 
 
 _BOUNDS = list(DURATION_BUCKETS)
+
+
+def semconv_attributes(
+    method: str, route: str | None, status: int, scheme: str, error_type: str | None
+) -> dict[str, Any]:
+    """The attributes of ``http.server.request.duration`` for one kind of request."""
+    attributes: dict[str, Any] = {
+        "http.request.method": method,
+        "http.response.status_code": status,
+        "url.scheme": scheme,
+    }
+    if route is not None:
+        attributes["http.route"] = route
+    if error_type is not None:
+        attributes["error.type"] = error_type
+    return attributes
+
+
 _MAX_SERIES = 10_000
 OVERFLOW = "<overflow>"
 
@@ -544,16 +562,9 @@ class HttpMetrics:
     ) -> None:
         self._duration.record(duration, {"method": method, "endpoint": endpoint})
         if self._semconv_duration is not None:
-            attributes: dict[str, Any] = {
-                "http.request.method": method,
-                "http.response.status_code": status,
-                "url.scheme": scheme,
-            }
-            if route is not None:
-                attributes["http.route"] = route
-            if error_type is not None:
-                attributes["error.type"] = error_type
-            self._semconv_duration.record(duration, attributes)
+            self._semconv_duration.record(
+                duration, semconv_attributes(method, route, status, scheme, error_type)
+            )
 
     def _new_series(self, key: tuple[str, str, str | None, int, str, str | None]) -> _Series:
         with self._lock:
@@ -649,18 +660,9 @@ class HttpMetrics:
                 merged[4] = max(merged[4], series.maximum)
                 merged[5] = merged[5] + exemplars
             if self._semconv:
-                attributes: dict[str, Any] = {
-                    "http.request.method": method,
-                    "http.response.status_code": status,
-                    "url.scheme": scheme,
-                }
-                if route is not None:
-                    attributes["http.route"] = route
-                if error is not None:
-                    attributes["error.type"] = error
                 semconv.append(
                     HistogramDataPoint(
-                        attributes,
+                        semconv_attributes(method, route, status, scheme, error),
                         self._start_ns,
                         now,
                         count,
