@@ -8,7 +8,7 @@ import threading
 import time
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO, Any
 
 from opentelemetry import metrics, trace
@@ -56,7 +56,6 @@ class _Owned:
     meter_provider: MeterProvider | None = None
     metrics_server: prometheus.MetricsServer | None = None
     logger_provider: Any = None
-    readers: list[MetricReader] = field(default_factory=list)
     shutdown_timeout: float = 3.0
 
 
@@ -204,7 +203,6 @@ def _meter_provider(settings: Settings, resource: Resource, given: Any) -> Any:
     _owned.meter_provider = provider
     _owned.shutdown_timeout = settings.shutdown_timeout
     _register_exit_once()
-    _owned.readers.extend(readers)
     return provider
 
 
@@ -544,7 +542,6 @@ def shutdown(timeout: float = 3.0) -> None:
         _owned.meter_provider = None
         _owned.logger_provider = None
         logs.set_otlp_logger(None)
-        _owned.readers.clear()
     for snapshots in list(_snapshots.values()):
         snapshots.close()
     if not providers:

@@ -157,16 +157,17 @@ def resolve_in_flight(request: _Request) -> tuple[str, str, str]:
 class OtelkitMiddleware:
     """Pure ASGI middleware; see the module docstring."""
 
-    __slots__ = ("_fields", "_header", "_header_str", "_propagator", "app", "runtime")
+    __slots__ = ("_fields", "_header", "_header_str", "app", "runtime")
 
     def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
         self.app = app
         self.runtime = runtime
         self._header_str = runtime.request_id_header
         self._header = runtime.request_id_header.lower().encode("latin-1")
-        self._propagator = propagate.get_global_textmap()
+        # The headers the configured propagators read: a request carrying
+        # none of them skips extraction altogether.
         self._fields = frozenset(
-            field.lower().encode("latin-1") for field in self._propagator.fields
+            field.lower().encode("latin-1") for field in propagate.get_global_textmap().fields
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
