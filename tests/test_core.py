@@ -544,3 +544,39 @@ def test_redacted_field_list_is_configurable(monkeypatch: pytest.MonkeyPatch) ->
     (line,) = telemetry.logs(event="person")
     assert line["ssn"] == line["pin"] == "[REDACTED]"
     assert line["name"] == "Ana"
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_sdk_disabled_keeps_request_ids_and_logs(how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get("/x")
+    async def x() -> dict[str, str | None]:
+        return {"request_id": otelkit.get_request_id()}
+
+    overrides = {"sdk_disabled": True} if how == "argument" else {}
+    if how == "environment":
+        monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    import io
+
+    stream = io.StringIO()
+    otelkit.instrument(app, log_stream=stream, **overrides)
+    try:
+        with TestClient(app) as client:
+            response = client.get("/x")
+            assert client.get("/metrics").status_code == 404
+    finally:
+        otelkit.uninstrument(app)
+    request_id = response.headers["x-request-id"]
+    assert HEX32.fullmatch(request_id)
+    assert response.json() == {"request_id": request_id}
+    assert "traceresponse" not in response.headers
+    (line,) = [
+        json.loads(text)
+        for text in stream.getvalue().splitlines()
+        if "http_request_completed" in text
+    ]
+    assert line["request_id"] == request_id
+    assert "trace_id" not in line

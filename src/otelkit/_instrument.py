@@ -361,6 +361,11 @@ def instrument(
             )
         otelkit_metrics.set_strict(environment in {"development", "test"})
         resource = _resource(settings, service, version, environment)
+        if settings.sdk_disabled:
+            # OTEL_SDK_DISABLED (or sdk_disabled=True): every signal is a no-op,
+            # whichever way it was set; request ids and logs keep working.
+            tracer_provider = tracer_provider or trace.NoOpTracerProvider()
+            meter_provider = meter_provider or metrics.NoOpMeterProvider()
         tracers = _tracer_provider(settings, resource, tracer_provider, automatic=_automatic)
         _log_provider(settings, resource)
         meters = _meter_provider(settings, resource, meter_provider)
