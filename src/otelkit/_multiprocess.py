@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
 import os
 import threading
 import time
@@ -215,9 +214,13 @@ class WorkerSnapshots:
             os.replace(temporary, self._path)
 
     @contextlib.contextmanager
-    def _locked(self, mode: int) -> Iterator[None]:
+    def _locked(self, *, exclusive: bool) -> Iterator[None]:
+        # fcntl is POSIX-only; importing it here keeps otelkit importable on
+        # Windows, where pre-fork servers (and this mode) do not exist.
+        import fcntl
+
         with (self.directory / _LOCK).open("a") as handle:
-            fcntl.flock(handle, mode)
+            fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             try:
                 yield
             finally:
@@ -235,7 +238,7 @@ class WorkerSnapshots:
         self.write()
         merger = _Merger()
         resource: dict[str, Any] = {}
-        with self._locked(fcntl.LOCK_SH):
+        with self._locked(exclusive=False):
             for path, snapshot in self._snapshots():
                 pid = int(snapshot.get("pid", 0))
                 live = path.name != ARCHIVE and _alive(pid)
@@ -257,7 +260,7 @@ class WorkerSnapshots:
 
     def compact(self) -> None:
         """Fold dead workers' files into the archive, so the directory stays small."""
-        with self._locked(fcntl.LOCK_EX):
+        with self._locked(exclusive=True):
             dead: list[Path] = []
             merger = _Merger()
             for path, snapshot in self._snapshots():
