@@ -155,28 +155,19 @@ def test_bad_configuration_stops_the_program_with_a_clear_message() -> None:
     ]
 
 
+GUNICORN = (
+    "gunicorn",
+    "tests.launcher.plain:app",
+    "-w",
+    "2",
+    "-k",
+    "uvicorn_worker.UvicornWorker",
+    "-b",
+    "127.0.0.1:{port}",
+)
 PRE_FORK = {
-    "gunicorn": (
-        "gunicorn",
-        "tests.launcher.plain:app",
-        "-w",
-        "2",
-        "-k",
-        "uvicorn_worker.UvicornWorker",
-        "-b",
-        "127.0.0.1:{port}",
-    ),
-    "gunicorn --preload": (
-        "gunicorn",
-        "tests.launcher.plain:app",
-        "-w",
-        "2",
-        "-k",
-        "uvicorn_worker.UvicornWorker",
-        "-b",
-        "127.0.0.1:{port}",
-        "--preload",
-    ),
+    "gunicorn": GUNICORN,
+    "gunicorn --preload": (*GUNICORN, "--preload"),
     "uvicorn --workers": uvicorn_app("tests.launcher.plain:app", "--workers", "2"),
 }
 
