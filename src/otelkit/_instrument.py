@@ -76,7 +76,6 @@ def _register_exit_once() -> None:
 class _AppState:
     """Kept on an instrumented app, to undo the instrumentation."""
 
-    settings: Settings
     original_build: Any
     telemetry_config: dict[str, Any] | None
     automatic: bool
@@ -409,7 +408,7 @@ def instrument(
         setattr(
             app,
             _ATTRIBUTE,
-            _AppState(settings, original_build, telemetry_config, automatic=_automatic),
+            _AppState(original_build, telemetry_config, automatic=_automatic),
         )
 
 
@@ -562,9 +561,3 @@ def shutdown(timeout: float = 3.0) -> None:
                 provider.shutdown()
 
     run_bounded(stop, timeout)
-
-
-def current_settings(app: Any) -> Settings | None:
-    """The settings an instrumented app resolved (``None`` if not instrumented)."""
-    state: _AppState | None = getattr(app, _ATTRIBUTE, None)
-    return state.settings if state is not None else None

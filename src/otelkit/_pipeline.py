@@ -129,8 +129,6 @@ class SpanPipeline(SpanProcessor):
     def _start_worker(self) -> None:
         self._queue.clear()
         self._wake = threading.Event()
-        self._idle = threading.Event()
-        self._idle.set()
         self._stopping = False
         self._exporting = threading.Lock()
         self._waiting = False
@@ -197,17 +195,11 @@ class SpanPipeline(SpanProcessor):
     def _drain(self, deadline: float | None = None) -> bool:
         """Export until the queue is empty (or the deadline passes)."""
         with self._exporting:
-            self._idle.clear()
-            try:
-                while self._queue:
-                    if deadline is not None and time.monotonic() >= deadline:
-                        return False
-                    batch = [
-                        self._queue.popleft() for _ in range(min(self._batch, len(self._queue)))
-                    ]
-                    self._export(batch)
-            finally:
-                self._idle.set()
+            while self._queue:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+                batch = [self._queue.popleft() for _ in range(min(self._batch, len(self._queue)))]
+                self._export(batch)
         return True
 
     def _export(self, batch: Sequence[ReadableSpan]) -> None:

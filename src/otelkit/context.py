@@ -19,7 +19,7 @@ _request_id: ContextVar[str | None] = ContextVar("otelkit_request_id", default=N
 # safe in headers, log lines, URLs and shells; the first one alphanumeric so
 # that an id can never start a spreadsheet formula (=, +, -, @) or an option.
 REQUEST_ID_MAX_LENGTH = 128
-_VALID_ID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:+=/-]{0,127}")
+_VALID_ID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:+=/-]{0,%d}" % (REQUEST_ID_MAX_LENGTH - 1))
 
 
 def is_valid_request_id(value: bytes) -> bool:

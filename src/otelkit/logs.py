@@ -281,8 +281,6 @@ class _Sink:
     half a line left in a buffer when the process dies.
     """
 
-    name: str | None = None
-
     __slots__ = ("_fd", "_lock", "_stream")
 
     def __init__(self, stream: IO[str]) -> None:

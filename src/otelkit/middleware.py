@@ -124,10 +124,13 @@ def _fresh_request_id() -> str:
     return f"{random.getrandbits(128):032x}"
 
 
-def _exemplar(
-    span_context: trace.SpanContext, duration: float, end_ns: int | None
-) -> tuple[int, int, float, int]:
-    return span_context.trace_id, span_context.span_id, duration, end_ns or time.time_ns()
+def _request_id(incoming: bytes | None, span_context: trace.SpanContext | None) -> str:
+    """The client's id when valid, else the trace id, else (no tracing) a fresh one."""
+    if incoming is not None and is_valid_request_id(incoming):
+        return incoming.decode()
+    if span_context is not None and span_context.is_valid:
+        return format(span_context.trace_id, "032x")
+    return _fresh_request_id()
 
 
 def _exception_type(exc: BaseException) -> str:
@@ -203,10 +206,8 @@ class OtelkitMiddleware:
             elif name == b"host":
                 host = value
 
-        valid_incoming = incoming is not None and is_valid_request_id(incoming)
         if path in runtime.excluded_paths:
-            request_id = incoming.decode() if valid_incoming else _fresh_request_id()  # type: ignore[union-attr]
-            await self._untraced(scope, receive, send, request_id)
+            await self._untraced(scope, receive, send, _request_id(incoming, None))
             return
 
         raw_method: str = scope["method"]
@@ -226,18 +227,13 @@ class OtelkitMiddleware:
         )
         span_context = span.get_span_context()
         trace_id = format(span_context.trace_id, "032x")
-        if valid_incoming:
-            request_id = incoming.decode()  # type: ignore[union-attr]
-        elif span_context.is_valid:
-            request_id = trace_id
-        else:  # a no-op tracer (tracing disabled) has no trace id to offer
-            request_id = _fresh_request_id()
+        request_id = _request_id(incoming, span_context)
         recording = span.is_recording()
         sampled = span_context.trace_flags.sampled
 
         context_token = otel_context.attach(trace.set_span_in_context(span, parent))
         id_token = bind_request_id(request_id)
-        if incoming is not None and not valid_incoming:
+        if incoming is not None and request_id.encode() != incoming:  # it was invalid
             runtime.access_logger.warning(
                 "invalid_request_id_replaced",
                 header=self._header_str,
@@ -492,13 +488,7 @@ class OtelkitMiddleware:
                 "network.protocol.name": "websocket",
             },
         )
-        span_context = span.get_span_context()
-        if incoming is not None and is_valid_request_id(incoming):
-            request_id = incoming.decode()
-        elif span_context.is_valid:
-            request_id = format(span_context.trace_id, "032x")
-        else:
-            request_id = _fresh_request_id()
+        request_id = _request_id(incoming, span.get_span_context())
         span.set_attribute("request.id", request_id)
         context_token = otel_context.attach(trace.set_span_in_context(span, parent))
         id_token = bind_request_id(request_id)
